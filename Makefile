@@ -1,0 +1,44 @@
+# Each target installs what it needs into .venv first, so a fresh clone needs
+# one command. The venv sees the system's site-packages, so a torch (and
+# triton) that is already installed there is kept; otherwise torch==2.13.0,
+# the CPU build, is installed.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install test bench lint gpu-check clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv --system-site-packages $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q "setuptools>=64" wheel
+	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	touch $(STAMP)
+
+# Without CUDA the Triton kernels run in the interpreter (tests/conftest.py
+# sets TRITON_INTERPRET=1 when no GPU is present).
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: install
+	$(PY) -m benchmarks.bench_attention
+
+lint: install
+	$(PY) -m pip install -q "ruff>=0.5"
+	$(PY) -m ruff check .
+
+# On a CUDA machine: the GPU tests, then a short benchmark, results under
+# benchmarks/results/. Under 8 minutes on one H100/H200.
+gpu-check: install
+	$(PY) -m pytest -q -m gpu -x tests 2>&1 | tee benchmarks/results/gpu-tests.txt
+	$(PY) -m benchmarks.bench_attention --quick --out benchmarks/results
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

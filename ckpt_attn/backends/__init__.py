@@ -1,0 +1,76 @@
+"""Attention backends and the choice between them.
+
+- "triton": the fused kernels of ckpt_attn.kernels, on CUDA tensors, or on CPU
+  tensors when TRITON_INTERPRET=1 (the real kernel code, interpreted).
+- "torch": ckpt_attn.backends.chunked, the same contract in plain PyTorch.
+- "auto": triton where it can run, torch otherwise.
+
+Both backends take validated (B, H, S, D) inputs and return (o, lse) forward
+and (dq, dk, dv) backward. Empty problems (a zero-sized dimension) never reach
+a backend: their results are filled in here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from . import chunked
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def _triton_interpreting() -> bool:
+    import triton
+
+    return bool(triton.knobs.runtime.interpret)
+
+
+def resolve_backend(backend: str, q: torch.Tensor) -> str:
+    """Turn a requested backend into "triton" or "torch" for tensors like q, or raise."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    has_triton = importlib.util.find_spec("triton") is not None
+    triton_runs = has_triton and (q.is_cuda or (q.device.type == "cpu" and _triton_interpreting()))
+    if backend == "auto":
+        return "triton" if triton_runs and q.dtype != torch.float64 else "torch"
+    if backend == "triton":
+        if not has_triton:
+            raise ValueError("backend='triton' needs the triton package, which is not installed")
+        if not triton_runs:
+            raise ValueError(
+                f"backend='triton' runs on CUDA tensors, or on CPU tensors with "
+                f"TRITON_INTERPRET=1 set before import; got tensors on {q.device}"
+            )
+        if q.dtype == torch.float64:
+            raise TypeError("backend='triton' supports float16, bfloat16 and float32, "
+                            "got float64; use backend='torch'")
+    return backend
+
+
+def forward(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, lse) from the resolved backend."""
+    if q.numel() == 0 or k.shape[2] == 0:
+        # No queries, or no keys to attend to: O = 0 and lse = -inf.
+        lse = torch.full(q.shape[:3], float("-inf"), device=q.device, dtype=torch.float32)
+        return torch.zeros_like(q), lse
+    impl = _kernels() if backend == "triton" else chunked
+    return impl.attention_forward(q, k, v, causal, scale)
+
+
+def backward(backend: str, do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor,
+             k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, causal: bool,
+             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) from the resolved backend."""
+    if q.numel() == 0 or k.numel() == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    impl = _kernels() if backend == "triton" else chunked
+    return impl.attention_backward(do, dlse, q, k, v, o, lse, causal, scale)
+
+
+def _kernels():
+    from ckpt_attn import kernels
+
+    return kernels

@@ -1,0 +1,95 @@
+"""The "torch" backend: the kernels' forward/backward contract written in plain PyTorch.
+
+It walks the queries in chunks of CHUNK rows, so at most a CHUNK x S_k score
+tile (per head) is alive at a time, never S_q x S_k. It computes in float32
+(float64 for float64 inputs), saves nothing beyond what the kernels save, and
+recomputes P = exp(S - lse) in the backward exactly as they do. GQA groups are
+folded into the row dimension, so k and v are never repeated per query head.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+
+CHUNK = 128
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _grouped(x: torch.Tensor, group: int) -> torch.Tensor:
+    """(B, H_kv * G, C, D) -> (B, H_kv, G * C, D): a GQA group's rows side by side."""
+    return rearrange(x, "b (h g) c d -> b h (g c) d", g=group)
+
+
+def _ungrouped(x: torch.Tensor, group: int) -> torch.Tensor:
+    """Inverse of _grouped."""
+    return rearrange(x, "b h (g c) d -> b (h g) c d", g=group)
+
+
+def _probabilities(q_g: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None, start: int,
+                   rows: int, causal: bool, scale: float):
+    """Scores of one query chunk and their softmax; returns (P, lse).
+
+    q_g: (B, H_kv, G * rows, D) compute dtype; k: (B, H_kv, S_k, D).
+    When lse is given (backward), P is recomputed from it instead of normalised.
+    """
+    scores = torch.matmul(q_g, k.transpose(-1, -2)) * scale  # (B, H_kv, G * rows, S_k)
+    if causal:
+        query_index = start + torch.arange(rows, device=q_g.device).repeat(
+            q_g.shape[2] // rows
+        )
+        key_index = torch.arange(k.shape[2], device=q_g.device)
+        scores = scores.masked_fill(key_index[None, :] > query_index[:, None], float("-inf"))
+    if lse is None:
+        lse = torch.logsumexp(scores, dim=-1)
+    # A row with no visible key has lse = -inf: make its P exactly 0, not NaN.
+    lse_finite = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    return torch.exp(scores - lse_finite[..., None]), lse
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward on (B, H, S, D) inputs: O shaped like q, fp32 logsumexp (B, H_q, S_q)."""
+    group = q.shape[1] // k.shape[1]
+    dtype = _compute_dtype(q.dtype)
+    k_c, v_c = k.to(dtype), v.to(dtype)
+    o = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
+    for start in range(0, q.shape[2], CHUNK):
+        stop = min(start + CHUNK, q.shape[2])
+        q_g = _grouped(q[:, :, start:stop].to(dtype), group)
+        p, lse_g = _probabilities(q_g, k_c, None, start, stop - start, causal, scale)
+        o[:, :, start:stop] = _ungrouped(torch.matmul(p, v_c), group).to(q.dtype)
+        lse[:, :, start:stop] = _ungrouped(lse_g[..., None], group)[..., 0]
+    return o, lse
+
+
+def attention_backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor,
+                       k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                       causal: bool, scale: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv), recomputing P chunk by chunk from the saved lse."""
+    group = q.shape[1] // k.shape[1]
+    dtype = _compute_dtype(q.dtype)
+    k_c, v_c = k.to(dtype), v.to(dtype)
+    dq = torch.empty_like(q)
+    dk = torch.zeros(k.shape, device=k.device, dtype=dtype)
+    dv = torch.zeros(v.shape, device=v.device, dtype=dtype)
+    for start in range(0, q.shape[2], CHUNK):
+        stop = min(start + CHUNK, q.shape[2])
+        q_g = _grouped(q[:, :, start:stop].to(dtype), group)
+        do_g = _grouped(do[:, :, start:stop].to(dtype), group)
+        delta = (do[:, :, start:stop].to(dtype) * o[:, :, start:stop].to(dtype)).sum(-1)
+        if dlse is not None:
+            delta = delta - dlse[:, :, start:stop].to(dtype)
+        lse_g = _grouped(lse[:, :, start:stop, None].to(dtype), group)[..., 0]
+        delta_g = _grouped(delta[..., None], group)  # (B, H_kv, G * rows, 1)
+        p, _ = _probabilities(q_g, k_c, lse_g, start, stop - start, causal, scale)
+        dv += torch.matmul(p.transpose(-1, -2), do_g)
+        ds = p * (torch.matmul(do_g, v_c.transpose(-1, -2)) - delta_g)
+        dq[:, :, start:stop] = _ungrouped(torch.matmul(ds, k_c) * scale, group).to(q.dtype)
+        dk += torch.matmul(ds.transpose(-1, -2), q_g) * scale
+    return dq, dk.to(k.dtype), dv.to(v.dtype)

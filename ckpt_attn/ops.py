@@ -1,0 +1,94 @@
+"""ckpt_attn.attention: validate, pick a backend, run one custom op with registered autograd.
+
+The forward op saves exactly q, k, v, O and the logsumexp for backward; the
+backward op recomputes the attention probabilities from them. Both ops have
+fake (meta) implementations, so shapes propagate on the meta device, under
+FakeTensorMode and through torch.compile.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import backends
+from .validation import check_qkv, resolve_scale
+
+_LIB = "ckpt_attn"
+
+
+@torch.library.custom_op(f"{_LIB}::attention_forward", mutates_args=())
+def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                       scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return backends.forward(backend, q, k, v, causal, scale)
+
+
+@_attention_forward.register_fake
+def _(q, k, v, causal, scale, backend):
+    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+    return torch.empty_like(q), lse
+
+
+@torch.library.custom_op(f"{_LIB}::attention_backward", mutates_args=())
+def _attention_backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor,
+                        k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                        causal: bool, scale: float, backend: str
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return backends.backward(backend, do, dlse, q, k, v, o, lse, causal, scale)
+
+
+@_attention_backward.register_fake
+def _(do, dlse, q, k, v, o, lse, causal, scale, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, scale, backend = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+    # Unused outputs (usually lse) arrive as None instead of a tensor of zeros.
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    if do is None:
+        do = torch.zeros_like(o)
+    elif do.stride(-1) != 1:
+        # e.g. the expanded gradient of o.sum(): every stride 0
+        do = do.contiguous()
+    dq, dk, dv = _attention_backward(do, dlse, q, k, v, o, lse, ctx.causal, ctx.scale,
+                                     ctx.backend)
+    return dq, dk, dv, None, None, None
+
+
+_attention_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+              scale: float | None = None, return_lse: bool = False, backend: str = "auto"):
+    """Fused scaled-dot-product attention that never stores an S_q x S_k matrix.
+
+    Args:
+        q: (B, H_q, S_q, D) queries.
+        k: (B, H_kv, S_k, D) keys; H_q must be a multiple of H_kv (GQA/MQA).
+        v: (B, H_kv, S_k, D) values.
+        causal: query i attends to keys j <= i (SDPA's ``is_causal``, top-left aligned).
+        scale: softmax scale, default 1/sqrt(D).
+        return_lse: also return the float32 natural-log logsumexp, (B, H_q, S_q);
+            it is differentiable.
+        backend: "auto", "triton" or "torch" (see ckpt_attn.backends).
+
+    Any strides with stride(-1) == 1 are accepted, so a (B, S, H, D) tensor can
+    be passed as ``x.transpose(1, 2)`` without a copy; O has q's layout. D may be
+    1..256; float16, bfloat16 and float32 are supported (float64 on the torch
+    backend). Backward saves only q, k, v, O and lse.
+
+    Returns:
+        O of q's shape, or (O, lse) when return_lse is True.
+    """
+    check_qkv(q, k, v)
+    scale = resolve_scale(scale, q.shape[-1])
+    resolved = backends.resolve_backend(backend, q)
+    o, lse = _attention_forward(q, k, v, bool(causal), scale, resolved)
+    return (o, lse) if return_lse else o

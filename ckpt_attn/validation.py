@@ -1,0 +1,74 @@
+"""Argument checks for the attention ops: every message names the argument, what was given
+and what is accepted."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+MAX_HEAD_DIM = 256
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Check q, k, v of shapes (B, H_q, S_q, D), (B, H_kv, S_k, D), (B, H_kv, S_k, D)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(t.shape)}"
+            )
+        if not t.dtype.is_floating_point:
+            raise TypeError(
+                f"{name} must be a floating-point tensor (float16, bfloat16, float32), "
+                f"got {t.dtype}"
+            )
+        if t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(
+                f"{name} must have stride(-1) == 1 (head dim contiguous), got strides "
+                f"{t.stride()}; call .contiguous() first"
+            )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"q, k, v dtype must be float16, bfloat16, float32 (or float64 on the torch "
+            f"backend), got {q.dtype}"
+        )
+    if not (q.device == k.device == v.device):
+        raise ValueError(
+            f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}"
+        )
+    if not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ValueError(
+            f"q, k, v must share the batch size, got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}"
+        )
+    if k.shape[1:3] != v.shape[1:3]:
+        raise ValueError(
+            f"k and v must share (heads, seq), got {tuple(k.shape[1:3])} and {tuple(v.shape[1:3])}"
+        )
+    if not (q.shape[-1] == k.shape[-1] == v.shape[-1]):
+        raise ValueError(
+            f"q, k, v must share the head dim, got {q.shape[-1]}, {k.shape[-1]}, {v.shape[-1]}"
+        )
+    head_dim = q.shape[-1]
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
+    heads_q, heads_kv = q.shape[1], k.shape[1]
+    if heads_kv == 0 or heads_q % heads_kv != 0:
+        raise ValueError(
+            f"q heads ({heads_q}) must be a multiple of k/v heads ({heads_kv}) for GQA/MQA"
+        )
+
+
+def resolve_scale(scale: float | None, head_dim: int) -> float:
+    """The softmax scale: `scale` if given (finite), else 1/sqrt(head_dim)."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return float(scale)

@@ -1,0 +1,290 @@
+"""Attention backward: recompute P tile by tile from q, k and the saved logsumexp.
+
+Three kernels, no atomics, so the gradients are bitwise deterministic:
+
+- preprocess: delta = rowsum(dO * O) - dlse, one value per query row (dlse is
+  the gradient flowing into the returned logsumexp, zero when it is unused);
+- dK/dV: a program owns BLOCK_N keys of one kv head and streams over the
+  queries of every query head in its GQA group, so the group's gradients are
+  summed in registers;
+- dQ: a program owns BLOCK_M queries and streams over the keys.
+
+With P = exp(S - lse), dP = dO V^T and dS = P * (dP - delta):
+dV = P^T dO, dK = scale * dS^T Q, dQ = scale * dS K.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .forward import input_precision
+from .launch_config import launch, padded_head_dim
+
+
+@triton.jit
+def _attn_bwd_preprocess(O, DO, DLSE, DELTA,
+                         stride_ob, stride_oh, stride_om,
+                         stride_dob, stride_doh, stride_dom,
+                         num_heads, seqlen_q,
+                         HAS_DLSE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // num_heads).to(tl.int64)
+    off_h = (off_bh % num_heads).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows_ok = offs_m < seqlen_q
+    tile_ok = rows_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    rows = offs_m[:, None].to(tl.int64)
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + rows * stride_om + offs_d[None, :],
+                mask=tile_ok, other=0.0)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + rows * stride_dom + offs_d[None, :],
+                 mask=tile_ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    row_ptrs = off_bh.to(tl.int64) * seqlen_q + offs_m
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + row_ptrs, mask=rows_ok, other=0.0)
+    tl.store(DELTA + row_ptrs, delta, mask=rows_ok)
+
+
+@triton.jit
+def _load_row_stats(LSE, DELTA, row_base, offs_m, seqlen_q):
+    """lse in the log2 domain (+inf for rows with no visible key, so their P is 0) and delta."""
+    rows_ok = offs_m < seqlen_q
+    lse = tl.load(LSE + row_base + offs_m, mask=rows_ok, other=0.0)
+    lse = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(DELTA + row_base + offs_m, mask=rows_ok, other=0.0)
+    return lse, delta
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
+                         LSE, DELTA, row_base, offs_m, offs_n, offs_d, lo, hi, seqlen_q,
+                         qk_scale,
+                         CAUSAL: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         BLOCK_M: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    d_ok = offs_d < HEAD_DIM
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        if MASKED:
+            q_mask = (rows[:, None] < seqlen_q) & d_ok[None, :]
+        else:
+            q_mask = d_ok[None, :]
+        q = tl.load(q_base + tl.cast(start_m, tl.int64) * stride_qm + q_offs, mask=q_mask, other=0.0)
+        do = tl.load(do_base + tl.cast(start_m, tl.int64) * stride_dom + do_offs, mask=q_mask, other=0.0)
+        lse, delta = _load_row_stats(LSE, DELTA, row_base, rows, seqlen_q)
+        # -- P^T for this tile: (BLOCK_N, BLOCK_M) --
+        qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)
+        p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
+        if MASKED:
+            visible = rows[None, :] < seqlen_q
+            if CAUSAL:
+                visible = visible & (offs_n[:, None] <= rows[None, :])
+            p_t = tl.where(visible, p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+        # -- dS^T = P^T * (dP^T - delta) --
+        dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sm_scale,
+                   stride_qb, stride_qh, stride_qm,
+                   stride_kb, stride_kh, stride_kn,
+                   stride_vb, stride_vh, stride_vn,
+                   stride_dob, stride_doh, stride_dom,
+                   stride_dkb, stride_dkh, stride_dkn,
+                   stride_dvb, stride_dvh, stride_dvn,
+                   num_heads_kv, group_size, seqlen_q, seqlen_k,
+                   CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    start_n = tl.program_id(0) * BLOCK_N
+    off_bhk = tl.program_id(1)
+    off_b = (off_bhk // num_heads_kv).to(tl.int64)
+    off_hk = (off_bhk % num_heads_kv).to(tl.int64)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_ok = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
+    tile_n = tl.arange(0, BLOCK_N)[:, None]
+    k = tl.load(K + off_b * stride_kb + off_hk * stride_kh + tl.cast(start_n, tl.int64) * stride_kn
+                + tile_n * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+    v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + tl.cast(start_n, tl.int64) * stride_vn
+                + tile_n * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634  # log2(e)
+    q_offs = offs_m[:, None] * stride_qm + offs_d[None, :]
+    do_offs = offs_m[:, None] * stride_dom + offs_d[None, :]
+
+    # -- query range: [lo, mid) masked (causal diagonal), [mid, full) unmasked,
+    #    [full, seqlen_q) masked (the last, partial query block) --
+    full = (seqlen_q // BLOCK_M) * BLOCK_M
+    lo = 0
+    mid = 0
+    if CAUSAL:
+        # queries before start_n see none of these keys; from the first
+        # multiple of BLOCK_M at or past start_n + BLOCK_N - 1 they see all.
+        lo = tl.minimum((start_n // BLOCK_M) * BLOCK_M, full)
+        mid = tl.minimum(tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M, full)
+
+    for g in range(0, group_size):
+        off_h = off_hk * group_size + g
+        q_base = Q + off_b * stride_qb + off_h * stride_qh
+        do_base = DO + off_b * stride_dob + off_h * stride_doh
+        row_base = (off_b * num_heads_kv * group_size + off_h) * seqlen_q
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs,
+                                      stride_qm, stride_dom, LSE, DELTA, row_base, offs_m,
+                                      offs_n, offs_d, lo, mid, seqlen_q, qk_scale,
+                                      CAUSAL, True, HEAD_DIM, BLOCK_M, INPUT_PRECISION)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs,
+                                      stride_qm, stride_dom, LSE, DELTA, row_base, offs_m,
+                                      offs_n, offs_d, mid, full, seqlen_q, qk_scale,
+                                      CAUSAL, False, HEAD_DIM, BLOCK_M, INPUT_PRECISION)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs,
+                                      stride_qm, stride_dom, LSE, DELTA, row_base, offs_m,
+                                      offs_n, offs_d, full, seqlen_q, seqlen_q, qk_scale,
+                                      CAUSAL, True, HEAD_DIM, BLOCK_M, INPUT_PRECISION)
+
+    dk *= sm_scale
+    tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + tl.cast(start_n, tl.int64) * stride_dkn
+             + tile_n * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_ok)
+    tl.store(DV + off_b * stride_dvb + off_hk * stride_dvh + tl.cast(start_n, tl.int64) * stride_dvn
+             + tile_n * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_ok)
+
+
+@triton.jit
+def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs,
+                       stride_kn, stride_vn, offs_m, offs_n, offs_d, lo, hi, seqlen_k, qk_scale,
+                       CAUSAL: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        if MASKED:
+            kv_mask = d_ok[:, None] & (cols[None, :] < seqlen_k)
+        else:
+            kv_mask = d_ok[:, None]
+        # K^T and V^T tiles: (BLOCK_D, BLOCK_N)
+        k_t = tl.load(k_base + tl.cast(start_n, tl.int64) * stride_kn + k_offs, mask=kv_mask, other=0.0)
+        v_t = tl.load(v_base + tl.cast(start_n, tl.int64) * stride_vn + v_offs, mask=kv_mask, other=0.0)
+        p = tl.math.exp2(tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale
+                         - lse[:, None])
+        if MASKED:
+            visible = cols[None, :] < seqlen_k
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= offs_m[:, None])
+            p = tl.where(visible, p, 0.0)
+        dp = tl.dot(do, v_t, input_precision=INPUT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=INPUT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, sm_scale,
+                 stride_qb, stride_qh, stride_qm,
+                 stride_kb, stride_kh, stride_kn,
+                 stride_vb, stride_vh, stride_vn,
+                 stride_dob, stride_doh, stride_dom,
+                 stride_dqb, stride_dqh, stride_dqm,
+                 num_heads, group_size, seqlen_q, seqlen_k,
+                 CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // num_heads).to(tl.int64)
+    off_h = (off_bh % num_heads).to(tl.int64)
+    off_hk = off_h // group_size
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    tile_m = tl.arange(0, BLOCK_M)[:, None]
+    tile_ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + tl.cast(start_m, tl.int64) * stride_qm
+                + tile_m * stride_qm + offs_d[None, :], mask=tile_ok, other=0.0)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + tl.cast(start_m, tl.int64) * stride_dom
+                 + tile_m * stride_dom + offs_d[None, :], mask=tile_ok, other=0.0)
+    lse, delta = _load_row_stats(LSE, DELTA, off_bh.to(tl.int64) * seqlen_q, offs_m, seqlen_q)
+    k_base = K + off_b * stride_kb + off_hk * stride_kh
+    v_base = V + off_b * stride_vb + off_hk * stride_vh
+    k_offs = offs_n[None, :] * stride_kn + offs_d[:, None]
+    v_offs = offs_n[None, :] * stride_vn + offs_d[:, None]
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634  # log2(e)
+
+    # -- key range, as in the forward: [0, full) unmasked, [full, hi) masked --
+    full = (seqlen_k // BLOCK_N) * BLOCK_N
+    hi = seqlen_k
+    if CAUSAL:
+        full = tl.minimum(full, ((start_m + 1) // BLOCK_N) * BLOCK_N)
+        hi = tl.minimum(seqlen_k, start_m + BLOCK_M)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs,
+                            stride_kn, stride_vn, offs_m, offs_n, offs_d, 0, full, seqlen_k,
+                            qk_scale, CAUSAL, False, HEAD_DIM, BLOCK_N, INPUT_PRECISION)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs,
+                            stride_kn, stride_vn, offs_m, offs_n, offs_d, full, hi, seqlen_k,
+                            qk_scale, CAUSAL, True, HEAD_DIM, BLOCK_N, INPUT_PRECISION)
+
+    dq *= sm_scale
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + tl.cast(start_m, tl.int64) * stride_dqm
+             + tile_m * stride_dqm + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=tile_ok)
+
+
+def attention_backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor,
+                       k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                       causal: bool, scale: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv) of the attention forward, recomputing P from lse.
+
+    `do` must have stride(-1) == 1; `dlse`, if given, is the gradient of the
+    returned logsumexp, shape (B, H_q, S_q).
+    """
+    batch, heads_q, seqlen_q, head_dim = q.shape
+    heads_kv, seqlen_k = k.shape[1], k.shape[2]
+    group = heads_q // heads_kv
+    block_d = padded_head_dim(head_dim)
+    precision = input_precision(q.dtype)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    delta = torch.empty_like(lse)
+    if dlse is not None:
+        dlse = dlse.to(torch.float32).contiguous()
+
+    preprocess_block = 64
+    _attn_bwd_preprocess[(triton.cdiv(seqlen_q, preprocess_block), batch * heads_q)](
+        o, do, dlse, delta,
+        o.stride(0), o.stride(1), o.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        heads_q, seqlen_q,
+        HAS_DLSE=dlse is not None, HEAD_DIM=head_dim, BLOCK_M=preprocess_block, BLOCK_D=block_d,
+    )
+    strides_in = (q.stride(0), q.stride(1), q.stride(2),
+                  k.stride(0), k.stride(1), k.stride(2),
+                  v.stride(0), v.stride(1), v.stride(2),
+                  do.stride(0), do.stride(1), do.stride(2))
+    constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, INPUT_PRECISION=precision)
+    launch(
+        _attn_bwd_dkdv,
+        lambda cfg: (triton.cdiv(seqlen_k, cfg.block_n), batch * heads_kv),
+        (q, k, v, do, lse, delta, dk, dv, scale, *strides_in,
+         dk.stride(0), dk.stride(1), dk.stride(2),
+         dv.stride(0), dv.stride(1), dv.stride(2),
+         heads_kv, group, seqlen_q, seqlen_k),
+        constexprs, key_major=True, block_d=block_d, element_size=q.element_size(),
+    )
+    launch(
+        _attn_bwd_dq,
+        lambda cfg: (triton.cdiv(seqlen_q, cfg.block_m), batch * heads_q),
+        (q, k, v, do, lse, delta, dq, scale, *strides_in,
+         dq.stride(0), dq.stride(1), dq.stride(2),
+         heads_q, group, seqlen_q, seqlen_k),
+        constexprs, key_major=False, block_d=block_d, element_size=q.element_size(),
+    )
+    return dq, dk, dv

@@ -1,0 +1,157 @@
+"""Attention forward: online softmax over key tiles, writes O and the fp32 logsumexp.
+
+FlashAttention-2's schedule: a program owns BLOCK_M query rows of one
+(batch, head) and streams the key/value tiles of that head through fp32
+accumulators. Scores live only as a BLOCK_M x BLOCK_N tile in registers;
+nothing of size S_q x S_k is ever written.
+
+Scores are kept in the log2 domain (scale * log2(e) folded into one multiply)
+so the exponentials are exp2. Key tiles are visited in two phases: tiles that
+every row of the block sees in full (no masking), then the tiles on the causal
+diagonal or past the end of the keys (masked).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch_config import launch, padded_head_dim
+
+
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn,
+                    offs_m, offs_n, offs_d, lo, hi, seqlen_k, qk_scale,
+                    CAUSAL: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    INPUT_PRECISION: tl.constexpr):
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k_ptrs = k_base + tl.cast(start_n, tl.int64) * stride_kn + k_offs
+        v_ptrs = v_base + tl.cast(start_n, tl.int64) * stride_vn + v_offs
+        # -- scores of this tile (log2 domain) --
+        if MASKED:
+            k_t = tl.load(k_ptrs, mask=d_ok[:, None] & (cols[None, :] < seqlen_k), other=0.0)
+        else:
+            k_t = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+        qk = tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale
+        if MASKED:
+            visible = cols[None, :] < seqlen_k
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= offs_m[:, None])
+            qk = tl.where(visible, qk, float("-inf"))
+        # -- online softmax; a row that has seen no key keeps m = -inf and l = 0 --
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_ref[:, None])
+        alpha = tl.math.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        # -- accumulate P V --
+        if MASKED:
+            v = tl.load(v_ptrs, mask=(cols[:, None] < seqlen_k) & d_ok[None, :], other=0.0)
+        else:
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE, sm_scale,
+              stride_qb, stride_qh, stride_qm,
+              stride_kb, stride_kh, stride_kn,
+              stride_vb, stride_vh, stride_vn,
+              stride_ob, stride_oh, stride_om,
+              num_heads, group_size, seqlen_q, seqlen_k,
+              CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // num_heads).to(tl.int64)
+    off_h = (off_bh % num_heads).to(tl.int64)
+    off_hk = off_h // group_size  # GQA: the kv head this query head reads
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows_ok = offs_m < seqlen_q
+    d_ok = offs_d < HEAD_DIM
+
+    # Scalar bases in int64 (B * H * S * D may pass 2**31 elements); offsets
+    # inside one tile stay int32.
+    q_base = Q + off_b * stride_qb + off_h * stride_qh + tl.cast(start_m, tl.int64) * stride_qm
+    k_base = K + off_b * stride_kb + off_hk * stride_kh
+    v_base = V + off_b * stride_vb + off_hk * stride_vh
+    k_offs = offs_n[None, :] * stride_kn + offs_d[:, None]  # (BLOCK_D, BLOCK_N): K^T tile
+    v_offs = offs_n[:, None] * stride_vn + offs_d[None, :]  # (BLOCK_N, BLOCK_D)
+    tile_ok = rows_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_base + tl.arange(0, BLOCK_M)[:, None] * stride_qm + offs_d[None, :],
+                mask=tile_ok, other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634  # log2(e)
+
+    # -- key range: [0, full) is visible to every row of the block; [full, hi) needs masks --
+    full = (seqlen_k // BLOCK_N) * BLOCK_N
+    hi = seqlen_k
+    if CAUSAL:
+        full = tl.minimum(full, ((start_m + 1) // BLOCK_N) * BLOCK_N)
+        hi = tl.minimum(seqlen_k, start_m + BLOCK_M)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs,
+                                    stride_kn, stride_vn,
+                                    offs_m, offs_n, offs_d, 0, full, seqlen_k, qk_scale,
+                                    CAUSAL, False, HEAD_DIM, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs,
+                                    stride_kn, stride_vn,
+                                    offs_m, offs_n, offs_d, full, hi, seqlen_k, qk_scale,
+                                    CAUSAL, True, HEAD_DIM, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+
+    # -- epilogue: rows with no visible key give O = 0 and lse = -inf --
+    empty = l_i == 0.0
+    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_i)) * 0.6931471805599453)  # ln(2)
+    o_base = O + off_b * stride_ob + off_h * stride_oh + tl.cast(start_m, tl.int64) * stride_om
+    tl.store(o_base + tl.arange(0, BLOCK_M)[:, None] * stride_om + offs_d[None, :],
+             acc.to(O.dtype.element_ty), mask=tile_ok)
+    lse_ptrs = LSE + off_bh.to(tl.int64) * seqlen_q + offs_m
+    tl.store(lse_ptrs, lse, mask=rows_ok)
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """tl.dot precision for fp32 inputs: TF32 only when torch allows it for matmuls."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the forward kernel on validated (B, H, S, D) inputs with stride(-1) == 1.
+
+    Returns O (same shape and, where dense, same strides as q) and the fp32
+    natural-log logsumexp of shape (B, H_q, S_q).
+    """
+    batch, heads_q, seqlen_q, head_dim = q.shape
+    heads_kv, seqlen_k = k.shape[1], k.shape[2]
+    o = torch.empty_like(q)
+    lse = torch.empty((batch, heads_q, seqlen_q), device=q.device, dtype=torch.float32)
+    launch(
+        _attn_fwd,
+        lambda cfg: (triton.cdiv(seqlen_q, cfg.block_m), batch * heads_q),
+        (q, k, v, o, lse, scale,
+         q.stride(0), q.stride(1), q.stride(2),
+         k.stride(0), k.stride(1), k.stride(2),
+         v.stride(0), v.stride(1), v.stride(2),
+         o.stride(0), o.stride(1), o.stride(2),
+         heads_q, heads_q // heads_kv, seqlen_q, seqlen_k),
+        dict(CAUSAL=causal, HEAD_DIM=head_dim, INPUT_PRECISION=input_precision(q.dtype)),
+        key_major=False,
+        block_d=padded_head_dim(head_dim),
+        element_size=q.element_size(),
+    )
+    return o, lse
