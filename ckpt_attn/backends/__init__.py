@@ -3,7 +3,8 @@
 - "triton": the fused kernels of ckpt_attn.kernels, on CUDA tensors, or on CPU
   tensors when TRITON_INTERPRET=1 (the real kernel code, interpreted).
 - "torch": ckpt_attn.backends.chunked, the same contract in plain PyTorch.
-- "auto": triton where it can run, torch otherwise.
+- "auto": triton where it can run, torch otherwise (float64, and bfloat16 in
+  the interpreter, go to torch).
 
 Both backends take validated (B, H, S, D) inputs and return (o, lse) forward
 and (dq, dk, dv) backward. Empty problems (a zero-sized dimension) never reach
@@ -33,8 +34,11 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     has_triton = importlib.util.find_spec("triton") is not None
     triton_runs = has_triton and (q.is_cuda or (q.device.type == "cpu" and _triton_interpreting()))
+    # The interpreter's tl.dot computes garbage for bfloat16 (triton issue #11584).
+    interpreted_bf16 = q.device.type == "cpu" and q.dtype == torch.bfloat16
     if backend == "auto":
-        return "triton" if triton_runs and q.dtype != torch.float64 else "torch"
+        usable = triton_runs and q.dtype != torch.float64 and not interpreted_bf16
+        return "triton" if usable else "torch"
     if backend == "triton":
         if not has_triton:
             raise ValueError("backend='triton' needs the triton package, which is not installed")
@@ -46,6 +50,10 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
         if q.dtype == torch.float64:
             raise TypeError("backend='triton' supports float16, bfloat16 and float32, "
                             "got float64; use backend='torch'")
+        if interpreted_bf16:
+            raise TypeError("backend='triton' cannot run bfloat16 in the Triton interpreter "
+                            "(its tl.dot miscomputes bf16, triton issue #11584); use CUDA "
+                            "or backend='torch'")
     return backend
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks of ckpt_attn: run `python -m benchmarks.bench_attention [--quick] [--out DIR]`."""
