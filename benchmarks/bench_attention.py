@@ -349,10 +349,11 @@ def cpu_report(sizes: CpuSizes, timings: list[CpuTiming], saved: list[SavedBytes
         "",
         f"## FLOPs counted by FlopCounterMode, forward + backward (S={sizes.flop_seqlen}, {shape})",
         "",
-        "convention: FlashAttention-2's count (backward = 2.5x forward). FlopCounterMode "
-        "does not look inside ckpt_attn's custom ops (it counts 0 for them) and has no "
-        "formula for SDPA's CPU kernel; naive's matmuls are counted in full even when "
-        "causal, and its backward is 2x its forward since it recomputes nothing.",
+        "convention: FlashAttention-2's count (backward = 2.5x forward). ckpt_attn "
+        "registers flop formulas for its custom ops (the same convention, with the causal "
+        "pairs counted exactly); FlopCounterMode has no formula for SDPA's CPU kernel; "
+        "naive's matmuls are counted in full even when causal, and its backward is 2x its "
+        "forward since it recomputes nothing.",
         "",
         markdown_table(("causal", "convention", "ckpt_attn", "SDPA (CPU)", "naive"), flop_rows),
         "",

@@ -9,6 +9,7 @@ FakeTensorMode and through torch.compile.
 from __future__ import annotations
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 from . import backends
 from .validation import check_qkv, resolve_scale
@@ -63,6 +64,29 @@ def _backward(ctx, do, dlse):
 
 
 _attention_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def visible_pairs(seqlen_q: int, seqlen_k: int, causal: bool) -> int:
+    """Number of (query, key) pairs attention computes: all, or j <= i when causal."""
+    if not causal:
+        return seqlen_q * seqlen_k
+    diagonal = min(seqlen_q, seqlen_k)
+    return diagonal * (diagonal + 1) // 2 + (seqlen_q - diagonal) * seqlen_k
+
+
+# FlopCounterMode formulas (FlashAttention-2's convention, exact for causal):
+# forward = 2 matmuls (QK^T, PV); backward = 5 (the recomputed QK^T, dV, dP, dQ, dK).
+@register_flop_formula(torch.ops.ckpt_attn.attention_forward)
+def _forward_flops(q_shape, k_shape, v_shape, causal, *args, out_shape=None, **kwargs) -> int:
+    batch, heads, seqlen_q, head_dim = q_shape
+    return 2 * 2 * batch * heads * head_dim * visible_pairs(seqlen_q, k_shape[2], causal)
+
+
+@register_flop_formula(torch.ops.ckpt_attn.attention_backward)
+def _backward_flops(do_shape, dlse_shape, q_shape, k_shape, v_shape, o_shape, lse_shape, causal,
+                    *args, out_shape=None, **kwargs) -> int:
+    batch, heads, seqlen_q, head_dim = q_shape
+    return 5 * 2 * batch * heads * head_dim * visible_pairs(seqlen_q, k_shape[2], causal)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,

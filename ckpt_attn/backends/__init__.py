@@ -22,6 +22,12 @@ from . import chunked
 BACKENDS = ("auto", "triton", "torch")
 
 
+@torch.compiler.assume_constant_result
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@torch.compiler.assume_constant_result
 def _triton_interpreting() -> bool:
     import triton
 
@@ -32,7 +38,7 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
     """Turn a requested backend into "triton" or "torch" for tensors like q, or raise."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    has_triton = importlib.util.find_spec("triton") is not None
+    has_triton = _triton_available()
     triton_runs = has_triton and (q.is_cuda or (q.device.type == "cpu" and _triton_interpreting()))
     # The interpreter's tl.dot computes garbage for bfloat16 (triton issue #11584).
     interpreted_bf16 = q.device.type == "cpu" and q.dtype == torch.bfloat16

@@ -5,6 +5,7 @@ tile (per head) is alive at a time, never S_q x S_k. It computes in float32
 (float64 for float64 inputs), saves nothing beyond what the kernels save, and
 recomputes P = exp(S - lse) in the backward exactly as they do. GQA groups are
 folded into the row dimension, so k and v are never repeated per query head.
+With causal, a chunk only touches the keys its last row can see.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ def _grouped(x: torch.Tensor, group: int) -> torch.Tensor:
 def _ungrouped(x: torch.Tensor, group: int) -> torch.Tensor:
     """Inverse of _grouped."""
     return rearrange(x, "b h (g c) d -> b (h g) c d", g=group)
+
+
+def _visible_keys(seqlen_k: int, stop: int, causal: bool) -> slice:
+    """Keys a query chunk ending at row `stop` can see: with causal, only j < stop."""
+    return slice(0, min(seqlen_k, stop) if causal else seqlen_k)
 
 
 def _probabilities(q_g: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None, start: int,
@@ -60,9 +66,10 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
     lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
     for start in range(0, q.shape[2], CHUNK):
         stop = min(start + CHUNK, q.shape[2])
+        keys = _visible_keys(k.shape[2], stop, causal)
         q_g = _grouped(q[:, :, start:stop].to(dtype), group)
-        p, lse_g = _probabilities(q_g, k_c, None, start, stop - start, causal, scale)
-        o[:, :, start:stop] = _ungrouped(torch.matmul(p, v_c), group).to(q.dtype)
+        p, lse_g = _probabilities(q_g, k_c[:, :, keys], None, start, stop - start, causal, scale)
+        o[:, :, start:stop] = _ungrouped(torch.matmul(p, v_c[:, :, keys]), group).to(q.dtype)
         lse[:, :, start:stop] = _ungrouped(lse_g[..., None], group)[..., 0]
     return o, lse
 
@@ -87,9 +94,11 @@ def attention_backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Ten
             delta = delta - dlse[:, :, start:stop].to(dtype)
         lse_g = _grouped(lse[:, :, start:stop, None].to(dtype), group)[..., 0]
         delta_g = _grouped(delta[..., None], group)  # (B, H_kv, G * rows, 1)
-        p, _ = _probabilities(q_g, k_c, lse_g, start, stop - start, causal, scale)
-        dv += torch.matmul(p.transpose(-1, -2), do_g)
-        ds = p * (torch.matmul(do_g, v_c.transpose(-1, -2)) - delta_g)
-        dq[:, :, start:stop] = _ungrouped(torch.matmul(ds, k_c) * scale, group).to(q.dtype)
-        dk += torch.matmul(ds.transpose(-1, -2), q_g) * scale
+        keys = _visible_keys(k.shape[2], stop, causal)
+        p, _ = _probabilities(q_g, k_c[:, :, keys], lse_g, start, stop - start, causal, scale)
+        dv[:, :, keys] += torch.matmul(p.transpose(-1, -2), do_g)
+        ds = p * (torch.matmul(do_g, v_c[:, :, keys].transpose(-1, -2)) - delta_g)
+        dq[:, :, start:stop] = _ungrouped(torch.matmul(ds, k_c[:, :, keys]) * scale,
+                                          group).to(q.dtype)
+        dk[:, :, keys] += torch.matmul(ds.transpose(-1, -2), q_g) * scale
     return dq, dk.to(k.dtype), dv.to(v.dtype)
