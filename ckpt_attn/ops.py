@@ -12,6 +12,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from . import backends
+from .backends.chunked import compute_dtype
 from .validation import check_qkv, resolve_scale
 
 _LIB = "ckpt_attn"
@@ -25,8 +26,7 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal
 
 @_attention_forward.register_fake
 def _(q, k, v, causal, scale, backend):
-    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
-    return torch.empty_like(q), lse
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=compute_dtype(q.dtype))
 
 
 @torch.library.custom_op(f"{_LIB}::attention_backward", mutates_args=())
@@ -99,8 +99,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         v: (B, H_kv, S_k, D) values.
         causal: query i attends to keys j <= i (SDPA's ``is_causal``, top-left aligned).
         scale: softmax scale, default 1/sqrt(D).
-        return_lse: also return the float32 natural-log logsumexp, (B, H_q, S_q);
-            it is differentiable.
+        return_lse: also return the natural-log logsumexp, (B, H_q, S_q), float32
+            (float64 for float64 inputs); it is differentiable.
         backend: "auto", "triton" or "torch" (see ckpt_attn.backends).
 
     Any strides with stride(-1) == 1 are accepted, so a (B, S, H, D) tensor can

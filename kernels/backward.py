@@ -73,12 +73,14 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_
             q_mask = (rows[:, None] < seqlen_q) & d_ok[None, :]
         else:
             q_mask = d_ok[None, :]
-        q = tl.load(q_base + tl.cast(start_m, tl.int64) * stride_qm + q_offs, mask=q_mask, other=0.0)
-        do = tl.load(do_base + tl.cast(start_m, tl.int64) * stride_dom + do_offs, mask=q_mask, other=0.0)
+        row0 = tl.cast(start_m, tl.int64)
+        q = tl.load(q_base + row0 * stride_qm + q_offs, mask=q_mask, other=0.0)
+        do = tl.load(do_base + row0 * stride_dom + do_offs, mask=q_mask, other=0.0)
         lse, delta = _load_row_stats(LSE, DELTA, row_base, rows, seqlen_q)
         # -- P^T for this tile: (BLOCK_N, BLOCK_M) --
         qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)
-        p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
+        # P <= 1 exactly; the min keeps rounding from overflowing exp2 at huge scores.
+        p_t = tl.math.exp2(tl.minimum(qk_t * qk_scale - lse[None, :], 0.0))
         if MASKED:
             visible = rows[None, :] < seqlen_q
             if CAUSAL:
@@ -172,10 +174,11 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs,
         else:
             kv_mask = d_ok[:, None]
         # K^T and V^T tiles: (BLOCK_D, BLOCK_N)
-        k_t = tl.load(k_base + tl.cast(start_n, tl.int64) * stride_kn + k_offs, mask=kv_mask, other=0.0)
-        v_t = tl.load(v_base + tl.cast(start_n, tl.int64) * stride_vn + v_offs, mask=kv_mask, other=0.0)
-        p = tl.math.exp2(tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale
-                         - lse[:, None])
+        key0 = tl.cast(start_n, tl.int64)
+        k_t = tl.load(k_base + key0 * stride_kn + k_offs, mask=kv_mask, other=0.0)
+        v_t = tl.load(v_base + key0 * stride_vn + v_offs, mask=kv_mask, other=0.0)
+        qk = tl.dot(q, k_t, input_precision=INPUT_PRECISION)
+        p = tl.math.exp2(tl.minimum(qk * qk_scale - lse[:, None], 0.0))  # P <= 1, as in dK/dV
         if MASKED:
             visible = cols[None, :] < seqlen_k
             if CAUSAL:
@@ -208,9 +211,10 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, sm_scale,
     offs_d = tl.arange(0, BLOCK_D)
     tile_m = tl.arange(0, BLOCK_M)[:, None]
     tile_ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + tl.cast(start_m, tl.int64) * stride_qm
+    row0 = tl.cast(start_m, tl.int64)
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + row0 * stride_qm
                 + tile_m * stride_qm + offs_d[None, :], mask=tile_ok, other=0.0)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + tl.cast(start_m, tl.int64) * stride_dom
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + row0 * stride_dom
                  + tile_m * stride_dom + offs_d[None, :], mask=tile_ok, other=0.0)
     lse, delta = _load_row_stats(LSE, DELTA, off_bh.to(tl.int64) * seqlen_q, offs_m, seqlen_q)
     k_base = K + off_b * stride_kb + off_hk * stride_kh
@@ -234,7 +238,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, sm_scale,
                             qk_scale, CAUSAL, True, HEAD_DIM, BLOCK_N, INPUT_PRECISION)
 
     dq *= sm_scale
-    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + tl.cast(start_m, tl.int64) * stride_dqm
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + row0 * stride_dqm
              + tile_m * stride_dqm + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=tile_ok)
 
 

@@ -18,10 +18,9 @@ import os
 os.environ.pop("TRITON_INTERPRET", None)
 
 import triton  # noqa: E402
+from ckpt_attn.kernels import backward, forward, launch_config  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
-
-from ckpt_attn.kernels import backward, forward, launch_config  # noqa: E402
 
 # Usable shared memory per block (opt-in maximum), bytes.
 SHARED_LIMIT = {80: 166912, 90: 232448}

@@ -99,3 +99,36 @@ def assert_attention_within_rule(o, grads, q, k, v, do, *, causal=False, scale=N
         assert ours.shape == ref.shape and ours.dtype == dtype, (name, ours.shape, ours.dtype)
         assert_within_rule(ours, naive, ref, factor=GRADIENT_FACTOR, atol=atol,
                            what=f"{label} {name}")
+
+
+def random_inputs(shape, dtype, *, device, layout: str = "bhsd"):
+    """Random q, k, v (requiring grad) and an upstream gradient dO.
+
+    shape is (batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim). layout
+    "bshd" builds each of q, k, v as a (B, S, H, D) tensor passed as
+    .transpose(1, 2), the non-contiguous view attention() must accept as is.
+    """
+    b, hq, hkv, sq, sk, d = shape
+
+    def rand(heads, seq):
+        if layout == "bshd":
+            return torch.randn(b, seq, heads, d, dtype=dtype, device=device).transpose(1, 2)
+        return torch.randn(b, heads, seq, d, dtype=dtype, device=device)
+
+    q, k, v = rand(hq, sq), rand(hkv, sk), rand(hkv, sk)
+    do = torch.randn(b, hq, sq, d, dtype=dtype, device=device)
+    return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), do
+
+
+def run_attention(q, k, v, do, *, backend, causal, scale=None, dlse=None):
+    """O, lse and (dq, dk, dv) of ckpt_attn.attention for the loss <O, do> (+ <lse, dlse>)."""
+    import ckpt_attn
+
+    o, lse = ckpt_attn.attention(q, k, v, causal=causal, scale=scale, return_lse=True,
+                                 backend=backend)
+    outputs, grad_outputs = [o], [do]
+    if dlse is not None:
+        outputs.append(lse)
+        grad_outputs.append(dlse)
+    grads = torch.autograd.grad(outputs, (q, k, v), grad_outputs)
+    return o.detach(), lse.detach(), grads

@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from conftest import DEVICE
 
 import ckpt_attn
 from ckpt_attn import backends
@@ -27,7 +28,8 @@ def replace(args, name, value):
 @pytest.mark.parametrize("shape", [(5, 8), (4, 5, 8), (2, 4, 5, 8, 1)])
 def test_not_4d(name, shape):
     args = replace(qkv(), name, torch.randn(shape))
-    with pytest.raises(ValueError, match=rf"^{name} must be 4-D .*got shape {re.escape(str(shape))}"):
+    message = rf"^{name} must be 4-D .*got shape {re.escape(str(shape))}"
+    with pytest.raises(ValueError, match=message):
         ckpt_attn.attention(*args)
 
 
@@ -154,9 +156,10 @@ def test_unknown_backend(backend):
 
 
 def test_triton_rejects_float64():
+    # on DEVICE, where backend="triton" can otherwise run (CUDA, or the CPU interpreter)
     with pytest.raises(TypeError, match=r"backend='triton' supports .*got float64.*"
                                         r"backend='torch'"):
-        ckpt_attn.attention(*qkv(dtype=torch.float64), backend="triton")
+        ckpt_attn.attention(*qkv(dtype=torch.float64, device=DEVICE), backend="triton")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="bf16 runs compiled on CUDA")

@@ -68,7 +68,8 @@ def forward(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cau
     """(o, lse) from the resolved backend."""
     if q.numel() == 0 or k.shape[2] == 0:
         # No queries, or no keys to attend to: O = 0 and lse = -inf.
-        lse = torch.full(q.shape[:3], float("-inf"), device=q.device, dtype=torch.float32)
+        lse = torch.full(q.shape[:3], float("-inf"), device=q.device,
+                         dtype=chunked.compute_dtype(q.dtype))
         return torch.zeros_like(q), lse
     impl = _kernels() if backend == "triton" else chunked
     return impl.attention_forward(q, k, v, causal, scale)

@@ -2,10 +2,11 @@
 
 It walks the queries in chunks of CHUNK rows, so at most a CHUNK x S_k score
 tile (per head) is alive at a time, never S_q x S_k. It computes in float32
-(float64 for float64 inputs), saves nothing beyond what the kernels save, and
-recomputes P = exp(S - lse) in the backward exactly as they do. GQA groups are
-folded into the row dimension, so k and v are never repeated per query head.
-With causal, a chunk only touches the keys its last row can see.
+(float64, with a float64 logsumexp, for float64 inputs), saves nothing beyond
+what the kernels save, and recomputes P = exp(S - lse) in the backward exactly
+as they do. GQA groups are folded into the row dimension, so k and v are never
+repeated per query head. With causal, a chunk only touches the keys its last
+row can see.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from einops import rearrange
 CHUNK = 128
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the arithmetic and of the logsumexp: float32, float64 for float64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -40,7 +42,7 @@ def _probabilities(q_g: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None,
     """Scores of one query chunk and their softmax; returns (P, lse).
 
     q_g: (B, H_kv, G * rows, D) compute dtype; k: (B, H_kv, S_k, D).
-    When lse is given (backward), P is recomputed from it instead of normalised.
+    When lse is given (backward), P is recomputed from it, as the kernels do.
     """
     scores = torch.matmul(q_g, k.transpose(-1, -2)) * scale  # (B, H_kv, G * rows, S_k)
     if causal:
@@ -50,20 +52,25 @@ def _probabilities(q_g: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None,
         key_index = torch.arange(k.shape[2], device=q_g.device)
         scores = scores.masked_fill(key_index[None, :] > query_index[:, None], float("-inf"))
     if lse is None:
+        # Forward: normalise exactly; lse is an output, not the normaliser.
         lse = torch.logsumexp(scores, dim=-1)
-    # A row with no visible key has lse = -inf: make its P exactly 0, not NaN.
-    lse_finite = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
-    return torch.exp(scores - lse_finite[..., None]), lse
+        # A row with no visible key (all -inf) must give P = 0, not NaN.
+        empty = torch.isneginf(lse)[..., None]
+        return torch.softmax(scores, dim=-1).masked_fill(empty, 0.0), lse
+    # Backward: P = exp(S - lse) as the kernels recompute it, clamped at 1 (P <= 1 exactly)
+    # so that rounding cannot overflow, and 0 for rows with lse = -inf.
+    lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
+    return torch.exp((scores - lse[..., None]).clamp(max=0.0)), lse
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward on (B, H, S, D) inputs: O shaped like q, fp32 logsumexp (B, H_q, S_q)."""
     group = q.shape[1] // k.shape[1]
-    dtype = _compute_dtype(q.dtype)
+    dtype = compute_dtype(q.dtype)
     k_c, v_c = k.to(dtype), v.to(dtype)
     o = torch.empty_like(q)
-    lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
+    lse = torch.empty(q.shape[:3], device=q.device, dtype=compute_dtype(q.dtype))
     for start in range(0, q.shape[2], CHUNK):
         stop = min(start + CHUNK, q.shape[2])
         keys = _visible_keys(k.shape[2], stop, causal)
@@ -80,7 +87,7 @@ def attention_backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Ten
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv), recomputing P chunk by chunk from the saved lse."""
     group = q.shape[1] // k.shape[1]
-    dtype = _compute_dtype(q.dtype)
+    dtype = compute_dtype(q.dtype)
     k_c, v_c = k.to(dtype), v.to(dtype)
     dq = torch.empty_like(q)
     dk = torch.zeros(k.shape, device=k.device, dtype=dtype)
