@@ -316,6 +316,7 @@ def test_uniform_softmax_with_huge_scores(backend, fill):
         assert dv_error <= p_relative_error, (dv_error, p_relative_error)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_gradients_finite_for_huge_inputs(backend):
     """Entries ~1.3e5 (PyTorch's bf16 NaN regression test magnitude), float32 inputs:
@@ -331,6 +332,7 @@ def test_gradients_finite_for_huge_inputs(backend):
         assert torch.isfinite(t.grad).all(), f"non-finite {name}"
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_backward_is_deterministic(backend, causal):
@@ -348,6 +350,7 @@ def test_backward_is_deterministic(backend, causal):
 # Offsets past int32
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_int64_offsets(backend):
     """q, k, v are views into one 6 GiB storage (only the touched pages are ever
