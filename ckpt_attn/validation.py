@@ -72,3 +72,48 @@ def resolve_scale(scale: float | None, head_dim: int) -> float:
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     return float(scale)
+
+
+def expand_mask(attn_mask: torch.Tensor | None, q: torch.Tensor,
+                k: torch.Tensor) -> torch.Tensor | None:
+    """attn_mask as a (B, H_q, S_q, S_k) view (stride 0 on broadcast dims, no copy).
+
+    Boolean masks say which pairs may attend (True); float masks, in q's dtype,
+    are added to the scores.
+    """
+    if attn_mask is None:
+        return None
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None, got "
+                        f"{type(attn_mask).__name__}")
+    if attn_mask.dtype not in (torch.bool, q.dtype):
+        raise TypeError(f"attn_mask must be bool or q's dtype ({q.dtype}), got {attn_mask.dtype}")
+    if attn_mask.device != q.device:
+        raise ValueError(f"attn_mask must be on q's device ({q.device}), got {attn_mask.device}")
+    if attn_mask.requires_grad:
+        raise NotImplementedError(
+            "attn_mask.requires_grad: gradients of an attention bias are not supported yet; "
+            "pass attn_mask.detach()"
+        )
+    target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    if attn_mask.dim() > 4:
+        raise ValueError(f"attn_mask must have at most 4 dims, got shape {tuple(attn_mask.shape)}")
+    try:
+        return attn_mask[(None,) * (4 - attn_mask.dim())].expand(target)
+    except RuntimeError:
+        raise ValueError(
+            f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+            f"(batch, heads_q, seq_q, seq_k) = {target}"
+        ) from None
+
+
+def check_window(window) -> tuple[int, int]:
+    """(left, right) of a sliding window, -1 meaning unbounded; None is (-1, -1)."""
+    if window is None:
+        return (-1, -1)
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window)):
+        raise TypeError(f"window must be a pair of ints (left, right) or None, got {window!r}")
+    if min(window) < -1:
+        raise ValueError(f"window values must be >= -1 (-1 = unbounded), got {tuple(window)}")
+    return (window[0], window[1])

@@ -19,8 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .forward import input_precision
+from .forward import input_precision, mask_launch_args
 from .launch_config import launch, padded_head_dim
+from .masking import key_range, mask_scores, query_range
 
 
 @triton.jit
@@ -63,8 +64,10 @@ def _load_row_stats(LSE, DELTA, row_base, offs_m, seqlen_q):
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
                          LSE, DELTA, row_base, offs_m, offs_n, offs_d, lo, hi, seqlen_q,
-                         qk_scale,
-                         CAUSAL: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         seqlen_k, qk_scale, mask_base, stride_mm, stride_mn,
+                         window_left, window_right,
+                         CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
+                         HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_M: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     d_ok = offs_d < HEAD_DIM
     for start_m in range(lo, hi, BLOCK_M):
@@ -78,14 +81,15 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_
         do = tl.load(do_base + row0 * stride_dom + do_offs, mask=q_mask, other=0.0)
         lse, delta = _load_row_stats(LSE, DELTA, row_base, rows, seqlen_q)
         # -- P^T for this tile: (BLOCK_N, BLOCK_M) --
-        qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)
-        # P <= 1 exactly; the min keeps rounding from overflowing exp2 at huge scores.
-        p_t = tl.math.exp2(tl.minimum(qk_t * qk_scale - lse[None, :], 0.0))
+        s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale
         if MASKED:
-            visible = rows[None, :] < seqlen_q
-            if CAUSAL:
-                visible = visible & (offs_n[:, None] <= rows[None, :])
-            p_t = tl.where(visible, p_t, 0.0)
+            # rows past seqlen_q are masked too: their q and dO were loaded as 0
+            s_t = mask_scores(s_t, rows[None, :], offs_n[:, None], seqlen_q, seqlen_k,
+                              mask_base, stride_mm, stride_mn, window_left, window_right,
+                              CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW)
+            s_t = tl.where(rows[None, :] < seqlen_q, s_t, float("-inf"))
+        # P <= 1 exactly; the min keeps rounding from overflowing exp2 at huge scores.
+        p_t = tl.math.exp2(tl.minimum(s_t - lse[None, :], 0.0))
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
         # -- dS^T = P^T * (dP^T - delta) --
         dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
@@ -95,15 +99,17 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sm_scale,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, MASK, DK, DV, sm_scale,
                    stride_qb, stride_qh, stride_qm,
                    stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn,
                    stride_dob, stride_doh, stride_dom,
+                   stride_mb, stride_mh, stride_mm, stride_mn,
                    stride_dkb, stride_dkh, stride_dkn,
                    stride_dvb, stride_dvh, stride_dvn,
-                   num_heads_kv, group_size, seqlen_q, seqlen_k,
-                   CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                   num_heads_kv, group_size, seqlen_q, seqlen_k, window_left, window_right,
+                   CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
+                   HAS_WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     off_bhk = tl.program_id(1)
@@ -125,12 +131,17 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sm_scale,
     q_offs = offs_m[:, None] * stride_qm + offs_d[None, :]
     do_offs = offs_m[:, None] * stride_dom + offs_d[None, :]
 
-    # -- query range: [lo, mid) masked (causal diagonal), [mid, full) unmasked,
-    #    [full, seqlen_q) masked (the last, partial query block) --
+    # -- query range. Without masks or a window: [lo, mid) masked (causal diagonal),
+    #    [mid, full) unmasked, [full, seqlen_q) masked (the last, partial query block).
+    #    With them: every tile of [lo, hi) masked. --
     full = (seqlen_q // BLOCK_M) * BLOCK_M
     lo = 0
     mid = 0
-    if CAUSAL:
+    hi = seqlen_q
+    if MASK_KIND != 0 or HAS_WINDOW:
+        lo, hi = query_range(start_n, seqlen_q, window_left, window_right,
+                             CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
+    elif CAUSAL:
         # queries before start_n see none of these keys; from the first
         # multiple of BLOCK_M at or past start_n + BLOCK_N - 1 they see all.
         lo = tl.minimum((start_n // BLOCK_M) * BLOCK_M, full)
@@ -140,19 +151,34 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sm_scale,
         off_h = off_hk * group_size + g
         q_base = Q + off_b * stride_qb + off_h * stride_qh
         do_base = DO + off_b * stride_dob + off_h * stride_doh
+        mask_base = MASK + off_b * stride_mb + off_h * stride_mh
         row_base = (off_b * num_heads_kv * group_size + off_h) * seqlen_q
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs,
-                                      stride_qm, stride_dom, LSE, DELTA, row_base, offs_m,
-                                      offs_n, offs_d, lo, mid, seqlen_q, qk_scale,
-                                      CAUSAL, True, HEAD_DIM, BLOCK_M, INPUT_PRECISION)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs,
-                                      stride_qm, stride_dom, LSE, DELTA, row_base, offs_m,
-                                      offs_n, offs_d, mid, full, seqlen_q, qk_scale,
-                                      CAUSAL, False, HEAD_DIM, BLOCK_M, INPUT_PRECISION)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs,
-                                      stride_qm, stride_dom, LSE, DELTA, row_base, offs_m,
-                                      offs_n, offs_d, full, seqlen_q, seqlen_q, qk_scale,
-                                      CAUSAL, True, HEAD_DIM, BLOCK_M, INPUT_PRECISION)
+        if MASK_KIND != 0 or HAS_WINDOW:
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
+                LSE, DELTA, row_base, offs_m, offs_n, offs_d, lo, hi, seqlen_q, seqlen_k,
+                qk_scale, mask_base, stride_mm, stride_mn, window_left, window_right,
+                CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, True, HEAD_DIM, BLOCK_M,
+                INPUT_PRECISION)
+        else:
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
+                LSE, DELTA, row_base, offs_m, offs_n, offs_d, lo, mid, seqlen_q, seqlen_k,
+                qk_scale, mask_base, stride_mm, stride_mn, window_left, window_right,
+                CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, True, HEAD_DIM, BLOCK_M,
+                INPUT_PRECISION)
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
+                LSE, DELTA, row_base, offs_m, offs_n, offs_d, mid, full, seqlen_q, seqlen_k,
+                qk_scale, mask_base, stride_mm, stride_mn, window_left, window_right,
+                CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, False, HEAD_DIM, BLOCK_M,
+                INPUT_PRECISION)
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
+                LSE, DELTA, row_base, offs_m, offs_n, offs_d, full, seqlen_q, seqlen_q,
+                seqlen_k, qk_scale, mask_base, stride_mm, stride_mn, window_left,
+                window_right, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, True, HEAD_DIM,
+                BLOCK_M, INPUT_PRECISION)
 
     dk *= sm_scale
     tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + tl.cast(start_n, tl.int64) * stride_dkn
@@ -163,8 +189,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sm_scale,
 
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs,
-                       stride_kn, stride_vn, offs_m, offs_n, offs_d, lo, hi, seqlen_k, qk_scale,
-                       CAUSAL: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       stride_kn, stride_vn, offs_m, offs_n, offs_d, lo, hi, seqlen_q, seqlen_k,
+                       qk_scale, mask_base, stride_mm, stride_mn, window_left, window_right,
+                       CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
+                       HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
                        BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
@@ -177,13 +205,12 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs,
         key0 = tl.cast(start_n, tl.int64)
         k_t = tl.load(k_base + key0 * stride_kn + k_offs, mask=kv_mask, other=0.0)
         v_t = tl.load(v_base + key0 * stride_vn + v_offs, mask=kv_mask, other=0.0)
-        qk = tl.dot(q, k_t, input_precision=INPUT_PRECISION)
-        p = tl.math.exp2(tl.minimum(qk * qk_scale - lse[:, None], 0.0))  # P <= 1, as in dK/dV
+        s = tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale
         if MASKED:
-            visible = cols[None, :] < seqlen_k
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= offs_m[:, None])
-            p = tl.where(visible, p, 0.0)
+            s = mask_scores(s, offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, mask_base,
+                            stride_mm, stride_mn, window_left, window_right,
+                            CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW)
+        p = tl.math.exp2(tl.minimum(s - lse[:, None], 0.0))  # P <= 1, as in dK/dV
         dp = tl.dot(do, v_t, input_precision=INPUT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=INPUT_PRECISION)
@@ -191,14 +218,16 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs,
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, sm_scale,
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, DQ, sm_scale,
                  stride_qb, stride_qh, stride_qm,
                  stride_kb, stride_kh, stride_kn,
                  stride_vb, stride_vh, stride_vn,
                  stride_dob, stride_doh, stride_dom,
+                 stride_mb, stride_mh, stride_mm, stride_mn,
                  stride_dqb, stride_dqh, stride_dqm,
-                 num_heads, group_size, seqlen_q, seqlen_k,
-                 CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                 num_heads, group_size, seqlen_q, seqlen_k, window_left, window_right,
+                 CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
+                 HAS_WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1)
@@ -224,18 +253,33 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, sm_scale,
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634  # log2(e)
 
-    # -- key range, as in the forward: [0, full) unmasked, [full, hi) masked --
-    full = (seqlen_k // BLOCK_N) * BLOCK_N
-    hi = seqlen_k
-    if CAUSAL:
-        full = tl.minimum(full, ((start_m + 1) // BLOCK_N) * BLOCK_N)
-        hi = tl.minimum(seqlen_k, start_m + BLOCK_M)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs,
-                            stride_kn, stride_vn, offs_m, offs_n, offs_d, 0, full, seqlen_k,
-                            qk_scale, CAUSAL, False, HEAD_DIM, BLOCK_N, INPUT_PRECISION)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs,
-                            stride_kn, stride_vn, offs_m, offs_n, offs_d, full, hi, seqlen_k,
-                            qk_scale, CAUSAL, True, HEAD_DIM, BLOCK_N, INPUT_PRECISION)
+    mask_base = MASK + off_b * stride_mb + off_h * stride_mh
+    if MASK_KIND != 0 or HAS_WINDOW:
+        # -- key range as in the forward, every tile masked --
+        lo, hi = key_range(start_m, seqlen_k, window_left, window_right,
+                           CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn,
+            offs_m, offs_n, offs_d, lo, hi, seqlen_q, seqlen_k, qk_scale, mask_base,
+            stride_mm, stride_mn, window_left, window_right,
+            CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, True, HEAD_DIM, BLOCK_N, INPUT_PRECISION)
+    else:
+        # -- key range, as in the forward: [0, full) unmasked, [full, hi) masked --
+        full = (seqlen_k // BLOCK_N) * BLOCK_N
+        hi = seqlen_k
+        if CAUSAL:
+            full = tl.minimum(full, ((start_m + 1) // BLOCK_N) * BLOCK_N)
+            hi = tl.minimum(seqlen_k, start_m + BLOCK_M)
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn,
+            offs_m, offs_n, offs_d, 0, full, seqlen_q, seqlen_k, qk_scale, mask_base,
+            stride_mm, stride_mn, window_left, window_right,
+            CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, False, HEAD_DIM, BLOCK_N, INPUT_PRECISION)
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn,
+            offs_m, offs_n, offs_d, full, hi, seqlen_q, seqlen_k, qk_scale, mask_base,
+            stride_mm, stride_mn, window_left, window_right,
+            CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, True, HEAD_DIM, BLOCK_N, INPUT_PRECISION)
 
     dq *= sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + row0 * stride_dqm
@@ -244,12 +288,13 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, sm_scale,
 
 def attention_backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor,
                        k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-                       causal: bool, scale: float
+                       causal: bool, scale: float, mask: torch.Tensor | None = None,
+                       window: tuple[int, int] = (-1, -1)
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of the attention forward, recomputing P from lse.
 
     `do` must have stride(-1) == 1; `dlse`, if given, is the gradient of the
-    returned logsumexp, shape (B, H_q, S_q).
+    returned logsumexp, shape (B, H_q, S_q); `mask` and `window` as in the forward.
     """
     batch, heads_q, seqlen_q, head_dim = q.shape
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
@@ -269,26 +314,29 @@ def attention_backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Ten
         heads_q, seqlen_q,
         HAS_DLSE=dlse is not None, HEAD_DIM=head_dim, BLOCK_M=preprocess_block, BLOCK_D=block_d,
     )
+    mask_ptr, mask_strides, mask_kind, mask_row = mask_launch_args(mask, q)
     strides_in = (q.stride(0), q.stride(1), q.stride(2),
                   k.stride(0), k.stride(1), k.stride(2),
                   v.stride(0), v.stride(1), v.stride(2),
-                  do.stride(0), do.stride(1), do.stride(2))
-    constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, INPUT_PRECISION=precision)
+                  do.stride(0), do.stride(1), do.stride(2), *mask_strides)
+    constexprs = dict(CAUSAL=causal, MASK_KIND=mask_kind, MASK_ROW=mask_row,
+                      HAS_WINDOW=tuple(window) != (-1, -1), HEAD_DIM=head_dim,
+                      INPUT_PRECISION=precision)
     launch(
         _attn_bwd_dkdv,
         lambda cfg: (triton.cdiv(seqlen_k, cfg.block_n), batch * heads_kv),
-        (q, k, v, do, lse, delta, dk, dv, scale, *strides_in,
+        (q, k, v, do, lse, delta, mask_ptr, dk, dv, scale, *strides_in,
          dk.stride(0), dk.stride(1), dk.stride(2),
          dv.stride(0), dv.stride(1), dv.stride(2),
-         heads_kv, group, seqlen_q, seqlen_k),
+         heads_kv, group, seqlen_q, seqlen_k, *window),
         constexprs, key_major=True, block_d=block_d, element_size=q.element_size(),
     )
     launch(
         _attn_bwd_dq,
         lambda cfg: (triton.cdiv(seqlen_q, cfg.block_m), batch * heads_q),
-        (q, k, v, do, lse, delta, dq, scale, *strides_in,
+        (q, k, v, do, lse, delta, mask_ptr, dq, scale, *strides_in,
          dq.stride(0), dq.stride(1), dq.stride(2),
-         heads_q, group, seqlen_q, seqlen_k),
+         heads_q, group, seqlen_q, seqlen_k, *window),
         constexprs, key_major=False, block_d=block_d, element_size=q.element_size(),
     )
     return dq, dk, dv

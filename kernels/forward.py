@@ -18,12 +18,15 @@ import triton
 import triton.language as tl
 
 from .launch_config import launch, padded_head_dim
+from .masking import key_range, mask_scores
 
 
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn,
-                    offs_m, offs_n, offs_d, lo, hi, seqlen_k, qk_scale,
-                    CAUSAL: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    offs_m, offs_n, offs_d, lo, hi, seqlen_q, seqlen_k, qk_scale,
+                    mask_base, stride_mm, stride_mn, window_left, window_right,
+                    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
+                    HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                     INPUT_PRECISION: tl.constexpr):
     d_ok = offs_d < HEAD_DIM
@@ -38,10 +41,9 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn,
             k_t = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
         qk = tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale
         if MASKED:
-            visible = cols[None, :] < seqlen_k
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= offs_m[:, None])
-            qk = tl.where(visible, qk, float("-inf"))
+            qk = mask_scores(qk, offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, mask_base,
+                             stride_mm, stride_mn, window_left, window_right,
+                             CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW)
         # -- online softmax; a row that has seen no key keeps m = -inf and l = 0 --
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -60,13 +62,15 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn,
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, sm_scale,
+def _attn_fwd(Q, K, V, O, LSE, MASK, sm_scale,
               stride_qb, stride_qh, stride_qm,
               stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn,
               stride_ob, stride_oh, stride_om,
-              num_heads, group_size, seqlen_q, seqlen_k,
-              CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+              stride_mb, stride_mh, stride_mm, stride_mn,
+              num_heads, group_size, seqlen_q, seqlen_k, window_left, window_right,
+              CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
+              HAS_WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr, INPUT_PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1)
@@ -96,20 +100,36 @@ def _attn_fwd(Q, K, V, O, LSE, sm_scale,
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634  # log2(e)
 
-    # -- key range: [0, full) is visible to every row of the block; [full, hi) needs masks --
-    full = (seqlen_k // BLOCK_N) * BLOCK_N
-    hi = seqlen_k
-    if CAUSAL:
-        full = tl.minimum(full, ((start_m + 1) // BLOCK_N) * BLOCK_N)
-        hi = tl.minimum(seqlen_k, start_m + BLOCK_M)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs,
-                                    stride_kn, stride_vn,
-                                    offs_m, offs_n, offs_d, 0, full, seqlen_k, qk_scale,
-                                    CAUSAL, False, HEAD_DIM, BLOCK_N, BLOCK_D, INPUT_PRECISION)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs,
-                                    stride_kn, stride_vn,
-                                    offs_m, offs_n, offs_d, full, hi, seqlen_k, qk_scale,
-                                    CAUSAL, True, HEAD_DIM, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+    mask_base = MASK + off_b * stride_mb + off_h * stride_mh
+    if MASK_KIND != 0 or HAS_WINDOW:
+        # -- masks or a window: every tile of the key range [lo, hi) is masked --
+        lo, hi = key_range(start_m, seqlen_k, window_left, window_right,
+                           CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn,
+            offs_m, offs_n, offs_d, lo, hi, seqlen_q, seqlen_k, qk_scale,
+            mask_base, stride_mm, stride_mn, window_left, window_right,
+            CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, True, HEAD_DIM, BLOCK_N, BLOCK_D,
+            INPUT_PRECISION)
+    else:
+        # -- [0, full) is visible to every row of the block; [full, hi) needs masks --
+        full = (seqlen_k // BLOCK_N) * BLOCK_N
+        hi = seqlen_k
+        if CAUSAL:
+            full = tl.minimum(full, ((start_m + 1) // BLOCK_N) * BLOCK_N)
+            hi = tl.minimum(seqlen_k, start_m + BLOCK_M)
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn,
+            offs_m, offs_n, offs_d, 0, full, seqlen_q, seqlen_k, qk_scale,
+            mask_base, stride_mm, stride_mn, window_left, window_right,
+            CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, False, HEAD_DIM, BLOCK_N, BLOCK_D,
+            INPUT_PRECISION)
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn,
+            offs_m, offs_n, offs_d, full, hi, seqlen_q, seqlen_k, qk_scale,
+            mask_base, stride_mm, stride_mn, window_left, window_right,
+            CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, True, HEAD_DIM, BLOCK_N, BLOCK_D,
+            INPUT_PRECISION)
 
     # -- epilogue: rows with no visible key give O = 0 and lse = -inf --
     empty = l_i == 0.0
@@ -129,27 +149,43 @@ def input_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+def mask_launch_args(mask: torch.Tensor | None, like: torch.Tensor):
+    """(pointer tensor, 4 strides, MASK_KIND, MASK_ROW) for a (B, H_q, S_q, S_k) mask view."""
+    if mask is None:
+        return like, (0, 0, 0, 0), 0, False
+    kind = 1 if mask.dtype == torch.bool else 2
+    pointer = mask.view(torch.uint8) if kind == 1 else mask
+    return pointer, mask.stride(), kind, mask.stride(2) == 0 or mask.shape[2] == 1
+
+
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                      scale: float, mask: torch.Tensor | None = None,
+                      window: tuple[int, int] = (-1, -1)) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernel on validated (B, H, S, D) inputs with stride(-1) == 1.
 
-    Returns O (same shape and, where dense, same strides as q) and the fp32
-    natural-log logsumexp of shape (B, H_q, S_q).
+    `mask` is None or a (B, H_q, S_q, S_k) view (stride 0 on broadcast dims) of a
+    boolean (True = may attend) or additive float mask; `window` is (left, right)
+    with -1 for unbounded. Returns O (same shape and, where dense, same strides
+    as q) and the fp32 natural-log logsumexp of shape (B, H_q, S_q).
     """
     batch, heads_q, seqlen_q, head_dim = q.shape
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
     o = torch.empty_like(q)
     lse = torch.empty((batch, heads_q, seqlen_q), device=q.device, dtype=torch.float32)
+    mask_ptr, mask_strides, mask_kind, mask_row = mask_launch_args(mask, q)
     launch(
         _attn_fwd,
         lambda cfg: (triton.cdiv(seqlen_q, cfg.block_m), batch * heads_q),
-        (q, k, v, o, lse, scale,
+        (q, k, v, o, lse, mask_ptr, scale,
          q.stride(0), q.stride(1), q.stride(2),
          k.stride(0), k.stride(1), k.stride(2),
          v.stride(0), v.stride(1), v.stride(2),
          o.stride(0), o.stride(1), o.stride(2),
-         heads_q, heads_q // heads_kv, seqlen_q, seqlen_k),
-        dict(CAUSAL=causal, HEAD_DIM=head_dim, INPUT_PRECISION=input_precision(q.dtype)),
+         *mask_strides,
+         heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, *window),
+        dict(CAUSAL=causal, MASK_KIND=mask_kind, MASK_ROW=mask_row,
+             HAS_WINDOW=tuple(window) != (-1, -1), HEAD_DIM=head_dim,
+             INPUT_PRECISION=input_precision(q.dtype)),
         key_major=False,
         block_d=padded_head_dim(head_dim),
         element_size=q.element_size(),

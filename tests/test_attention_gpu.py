@@ -3,8 +3,9 @@
 bfloat16 (which the Triton interpreter cannot run), realistic sequence lengths,
 float32 with and without TF32, peak memory, and large bf16 values. `make
 gpu-check` runs these plus the tests marked gpu elsewhere (int64 offsets,
-huge inputs, determinism), which run on the CPU too. Compilation dominates the run time, so the cases share a
-small set of (head_dim, causal, dtype) combinations.
+huge inputs, determinism), which run on the CPU too. Compilation dominates the
+run time, so the cases share a small set of (head_dim, causal, dtype)
+combinations.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ tile (per head) is alive at a time, never S_q x S_k. It computes in float32
 (float64, with a float64 logsumexp, for float64 inputs), saves nothing beyond
 what the kernels save, and recomputes P = exp(S - lse) in the backward exactly
 as they do. GQA groups are folded into the row dimension, so k and v are never
-repeated per query head. With causal, a chunk only touches the keys its last
-row can see.
+repeated per query head. A chunk only touches the keys that causal and the
+window let it see; the caller's mask is read chunk by chunk, never copied whole.
 """
 
 from __future__ import annotations
@@ -32,50 +32,75 @@ def _ungrouped(x: torch.Tensor, group: int) -> torch.Tensor:
     return rearrange(x, "b h (g c) d -> b (h g) c d", g=group)
 
 
-def _visible_keys(seqlen_k: int, stop: int, causal: bool) -> slice:
-    """Keys a query chunk ending at row `stop` can see: with causal, only j < stop."""
-    return slice(0, min(seqlen_k, stop) if causal else seqlen_k)
+def _visible_keys(seqlen_k: int, start: int, stop: int, causal: bool,
+                  window: tuple[int, int]) -> slice:
+    """Keys that query rows [start, stop) may see: all, less what causal and the window cut."""
+    left, right = window
+    lo = max(0, start - left) if left >= 0 else 0
+    hi = min(seqlen_k, stop) if causal else seqlen_k
+    if right >= 0:
+        hi = min(hi, stop + right)
+    return slice(lo, max(lo, hi))
 
 
-def _probabilities(q_g: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None, start: int,
-                   rows: int, causal: bool, scale: float):
-    """Scores of one query chunk and their softmax; returns (P, lse).
+def _scores(q_g: torch.Tensor, k: torch.Tensor, start: int, stop: int, keys: slice,
+            group: int, causal: bool, scale: float, mask: torch.Tensor | None,
+            window: tuple[int, int]) -> torch.Tensor:
+    """Masked, scaled scores of one query chunk: (B, H_kv, G * rows, len(keys)).
 
-    q_g: (B, H_kv, G * rows, D) compute dtype; k: (B, H_kv, S_k, D).
-    When lse is given (backward), P is recomputed from it, as the kernels do.
+    q_g: (B, H_kv, G * rows, D) compute dtype; k: (B, H_kv, S_k, D); mask: the
+    (B, H_q, S_q, S_k) view of a boolean (True = may attend) or additive mask.
+    Invisible pairs are -inf.
     """
-    scores = torch.matmul(q_g, k.transpose(-1, -2)) * scale  # (B, H_kv, G * rows, S_k)
+    scores = torch.matmul(q_g, k[:, :, keys].transpose(-1, -2)) * scale
+    query = torch.arange(start, stop, device=q_g.device).repeat(group)[:, None]
+    key = torch.arange(keys.start, keys.stop, device=q_g.device)[None, :]
+    hidden = torch.zeros(query.shape[0], key.shape[1], dtype=torch.bool, device=q_g.device)
     if causal:
-        query_index = start + torch.arange(rows, device=q_g.device).repeat(
-            q_g.shape[2] // rows
-        )
-        key_index = torch.arange(k.shape[2], device=q_g.device)
-        scores = scores.masked_fill(key_index[None, :] > query_index[:, None], float("-inf"))
-    if lse is None:
-        # Forward: normalise exactly; lse is an output, not the normaliser.
-        lse = torch.logsumexp(scores, dim=-1)
-        # A row with no visible key (all -inf) must give P = 0, not NaN.
-        empty = torch.isneginf(lse)[..., None]
-        return torch.softmax(scores, dim=-1).masked_fill(empty, 0.0), lse
-    # Backward: P = exp(S - lse) as the kernels recompute it, clamped at 1 (P <= 1 exactly)
-    # so that rounding cannot overflow, and 0 for rows with lse = -inf.
+        hidden |= key > query
+    left, right = window
+    if left >= 0:
+        hidden |= key < query - left
+    if right >= 0:
+        hidden |= key > query + right
+    if mask is not None:
+        mask_g = _grouped(mask[:, :, start:stop, keys], group)
+        if mask.dtype == torch.bool:
+            hidden = hidden | ~mask_g
+        else:
+            scores = scores + mask_g.to(scores.dtype)
+    return scores.masked_fill(hidden, float("-inf"))
+
+
+def _softmax(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward: (P, lse), normalised exactly; a row with no visible key gets P = 0, not NaN."""
+    lse = torch.logsumexp(scores, dim=-1)
+    empty = torch.isneginf(lse)[..., None]
+    return torch.softmax(scores, dim=-1).masked_fill(empty, 0.0), lse
+
+
+def _recomputed_probabilities(scores: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """Backward: P = exp(S - lse) as the kernels recompute it, clamped at 1 (P <= 1
+    exactly) so that rounding cannot overflow, and 0 for rows with lse = -inf."""
     lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
-    return torch.exp((scores - lse[..., None]).clamp(max=0.0)), lse
+    return torch.exp((scores - lse[..., None]).clamp(max=0.0))
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward on (B, H, S, D) inputs: O shaped like q, fp32 logsumexp (B, H_q, S_q)."""
+                      scale: float, mask: torch.Tensor | None = None,
+                      window: tuple[int, int] = (-1, -1)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward on (B, H, S, D) inputs: O shaped like q, logsumexp (B, H_q, S_q)."""
     group = q.shape[1] // k.shape[1]
     dtype = compute_dtype(q.dtype)
     k_c, v_c = k.to(dtype), v.to(dtype)
     o = torch.empty_like(q)
-    lse = torch.empty(q.shape[:3], device=q.device, dtype=compute_dtype(q.dtype))
+    lse = torch.empty(q.shape[:3], device=q.device, dtype=dtype)
     for start in range(0, q.shape[2], CHUNK):
         stop = min(start + CHUNK, q.shape[2])
-        keys = _visible_keys(k.shape[2], stop, causal)
+        keys = _visible_keys(k.shape[2], start, stop, causal, window)
         q_g = _grouped(q[:, :, start:stop].to(dtype), group)
-        p, lse_g = _probabilities(q_g, k_c[:, :, keys], None, start, stop - start, causal, scale)
+        p, lse_g = _softmax(_scores(q_g, k_c, start, stop, keys, group, causal, scale, mask,
+                                    window))
         o[:, :, start:stop] = _ungrouped(torch.matmul(p, v_c[:, :, keys]), group).to(q.dtype)
         lse[:, :, start:stop] = _ungrouped(lse_g[..., None], group)[..., 0]
     return o, lse
@@ -83,7 +108,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
 
 def attention_backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor,
                        k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-                       causal: bool, scale: float
+                       causal: bool, scale: float, mask: torch.Tensor | None = None,
+                       window: tuple[int, int] = (-1, -1)
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv), recomputing P chunk by chunk from the saved lse."""
     group = q.shape[1] // k.shape[1]
@@ -101,8 +127,9 @@ def attention_backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Ten
             delta = delta - dlse[:, :, start:stop].to(dtype)
         lse_g = _grouped(lse[:, :, start:stop, None].to(dtype), group)[..., 0]
         delta_g = _grouped(delta[..., None], group)  # (B, H_kv, G * rows, 1)
-        keys = _visible_keys(k.shape[2], stop, causal)
-        p, _ = _probabilities(q_g, k_c[:, :, keys], lse_g, start, stop - start, causal, scale)
+        keys = _visible_keys(k.shape[2], start, stop, causal, window)
+        scores = _scores(q_g, k_c, start, stop, keys, group, causal, scale, mask, window)
+        p = _recomputed_probabilities(scores, lse_g)
         dv[:, :, keys] += torch.matmul(p.transpose(-1, -2), do_g)
         ds = p * (torch.matmul(do_g, v_c[:, :, keys].transpose(-1, -2)) - delta_g)
         dq[:, :, start:stop] = _ungrouped(torch.matmul(ds, k_c[:, :, keys]) * scale,
