@@ -6,7 +6,7 @@ real compiler (ptxas included) and prints one JSON line per compile with the
 shared memory the kernel needs and the limit of that architecture. The test
 tests/test_kernel_compile.py runs it in a subprocess.
 
-    python tests/compile_kernels.py [--block-d 64 128 256] [--arch 80 90]
+    python tests/compile_kernels.py [--block-d 64 128 256] [--arch 80 90] [--mask-kind 1]
 """
 
 from __future__ import annotations
@@ -34,14 +34,20 @@ KERNELS = {
 
 
 def signature(kernel, dtype: str, constexprs: dict) -> dict:
-    """Triton signature of `kernel`: tensors by name, sm_scale fp32, other scalars i32."""
+    """Triton signature of `kernel`: tensors by name (a boolean MASK as u8), sm_scale fp32,
+    other scalars i32."""
     sig = {}
     for param in kernel.params:
         name = param.name
         if param.is_constexpr:
             sig[name] = "constexpr"
         elif name.isupper():
-            sig[name] = "*fp32" if name in FP32_POINTERS else f"*{dtype}"
+            if name in FP32_POINTERS:
+                sig[name] = "*fp32"
+            elif name == "MASK" and constexprs["MASK_KIND"] == 1:
+                sig[name] = "*u8"
+            else:
+                sig[name] = f"*{dtype}"
         elif name == "sm_scale":
             sig[name] = "fp32"
         else:
@@ -50,15 +56,20 @@ def signature(kernel, dtype: str, constexprs: dict) -> dict:
     return sig
 
 
-def compile_one(name: str, block_d: int, dtype: str, arch: int) -> dict:
-    """Compile one kernel with its first table candidate; return its resource use."""
+def compile_one(name: str, block_d: int, dtype: str, arch: int, mask_kind: int = 0) -> dict:
+    """Compile one kernel with its first table candidate; return its resource use.
+
+    mask_kind 0 compiles the plain causal kernel; 1 (bool) and 2 (float) add an
+    attn_mask tile and a sliding window.
+    """
     kernel, key_major = KERNELS[name]
     table = launch_config._KEY_MAJOR if key_major else launch_config._QUERY_MAJOR
     config = table[block_d][0]
     element_size = 4 if dtype == "fp32" else 2
     if element_size > 2:
         config = launch_config._shrink_for_fp32(config)
-    constexprs = dict(CAUSAL=True, HEAD_DIM=block_d, INPUT_PRECISION="ieee",
+    constexprs = dict(CAUSAL=True, MASK_KIND=mask_kind, MASK_ROW=False,
+                      HAS_WINDOW=mask_kind != 0, HEAD_DIM=block_d, INPUT_PRECISION="ieee",
                       BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d)
     src = ASTSource(fn=kernel, signature=signature(kernel, dtype, constexprs),
                     constexprs=constexprs)
@@ -66,6 +77,7 @@ def compile_one(name: str, block_d: int, dtype: str, arch: int) -> dict:
                               options={"num_warps": config.num_warps,
                                        "num_stages": config.num_stages})
     return {"kernel": name, "block_d": block_d, "dtype": dtype, "arch": arch,
+            "mask_kind": mask_kind,
             "config": [config.block_m, config.block_n, config.num_warps, config.num_stages],
             "shared": compiled.metadata.shared, "limit": SHARED_LIMIT[arch]}
 
@@ -76,12 +88,14 @@ def main() -> None:
     parser.add_argument("--block-d", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     parser.add_argument("--dtype", nargs="+", default=["fp16", "fp32"])
+    parser.add_argument("--mask-kind", type=int, choices=(0, 1, 2), default=0)
     args = parser.parse_args()
     for arch in args.arch:
         for dtype in args.dtype:
             for block_d in args.block_d:
                 for name in KERNELS:
-                    print(json.dumps(compile_one(name, block_d, dtype, arch)), flush=True)
+                    row = compile_one(name, block_d, dtype, arch, args.mask_kind)
+                    print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
