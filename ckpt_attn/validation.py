@@ -117,3 +117,12 @@ def check_window(window) -> tuple[int, int]:
     if min(window) < -1:
         raise ValueError(f"window values must be >= -1 (-1 = unbounded), got {tuple(window)}")
     return (window[0], window[1])
+
+
+def check_dropout(dropout_p) -> float:
+    """dropout_p as a float in [0, 1)."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return float(dropout_p)

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .forward import input_precision, mask_launch_args
 from .launch_config import launch, padded_head_dim
-from .masking import key_range, mask_scores, query_range
+from .masking import dropout_keep, key_range, mask_scores, query_range
 
 
 @triton.jit
@@ -65,10 +65,11 @@ def _load_row_stats(LSE, DELTA, row_base, offs_m, seqlen_q):
 def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
                          LSE, DELTA, row_base, offs_m, offs_n, offs_d, lo, hi, seqlen_q,
                          seqlen_k, qk_scale, mask_base, stride_mm, stride_mn,
-                         window_left, window_right,
+                         window_left, window_right, seed, dropout_p,
                          CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
-                         HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         BLOCK_M: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                         HAS_WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                         INPUT_PRECISION: tl.constexpr):
     d_ok = offs_d < HEAD_DIM
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
@@ -90,9 +91,18 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_
             s_t = tl.where(rows[None, :] < seqlen_q, s_t, float("-inf"))
         # P <= 1 exactly; the min keeps rounding from overflowing exp2 at huge scores.
         p_t = tl.math.exp2(tl.minimum(s_t - lse[None, :], 0.0))
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
-        # -- dS^T = P^T * (dP^T - delta) --
         dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+        if DROPOUT:
+            # the forward's mask, regenerated: dV = Z^T dO with Z = keep * P / (1 - p),
+            # and dP = keep * (dO V^T) / (1 - p)
+            keep_t = dropout_keep(seed, row_base, rows[None, :], offs_n[:, None], seqlen_k,
+                                  dropout_p)
+            z_t = tl.where(keep_t, p_t / (1.0 - dropout_p), 0.0)
+            dp_t = tl.where(keep_t, dp_t / (1.0 - dropout_p), 0.0)
+        else:
+            z_t = p_t
+        dv = tl.dot(z_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+        # -- dS^T = P^T * (dP^T - delta) --
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
     return dk, dv
@@ -108,8 +118,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, MASK, DK, DV, sm_scale,
                    stride_dkb, stride_dkh, stride_dkn,
                    stride_dvb, stride_dvh, stride_dvn,
                    num_heads_kv, group_size, seqlen_q, seqlen_k, window_left, window_right,
+                   seed, dropout_p,
                    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
-                   HAS_WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                   HAS_WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     off_bhk = tl.program_id(1)
@@ -158,27 +170,27 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, MASK, DK, DV, sm_scale,
                 dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
                 LSE, DELTA, row_base, offs_m, offs_n, offs_d, lo, hi, seqlen_q, seqlen_k,
                 qk_scale, mask_base, stride_mm, stride_mn, window_left, window_right,
-                CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, True, HEAD_DIM, BLOCK_M,
-                INPUT_PRECISION)
+                seed, dropout_p, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, True,
+                HEAD_DIM, BLOCK_M, INPUT_PRECISION)
         else:
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
                 LSE, DELTA, row_base, offs_m, offs_n, offs_d, lo, mid, seqlen_q, seqlen_k,
                 qk_scale, mask_base, stride_mm, stride_mn, window_left, window_right,
-                CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, True, HEAD_DIM, BLOCK_M,
-                INPUT_PRECISION)
+                seed, dropout_p, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, True,
+                HEAD_DIM, BLOCK_M, INPUT_PRECISION)
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
                 LSE, DELTA, row_base, offs_m, offs_n, offs_d, mid, full, seqlen_q, seqlen_k,
                 qk_scale, mask_base, stride_mm, stride_mn, window_left, window_right,
-                CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, False, HEAD_DIM, BLOCK_M,
-                INPUT_PRECISION)
+                seed, dropout_p, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, False,
+                HEAD_DIM, BLOCK_M, INPUT_PRECISION)
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
                 LSE, DELTA, row_base, offs_m, offs_n, offs_d, full, seqlen_q, seqlen_q,
                 seqlen_k, qk_scale, mask_base, stride_mm, stride_mn, window_left,
-                window_right, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, True, HEAD_DIM,
-                BLOCK_M, INPUT_PRECISION)
+                window_right, seed, dropout_p, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW,
+                DROPOUT, True, HEAD_DIM, BLOCK_M, INPUT_PRECISION)
 
     dk *= sm_scale
     tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + tl.cast(start_n, tl.int64) * stride_dkn
@@ -191,9 +203,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, MASK, DK, DV, sm_scale,
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs,
                        stride_kn, stride_vn, offs_m, offs_n, offs_d, lo, hi, seqlen_q, seqlen_k,
                        qk_scale, mask_base, stride_mm, stride_mn, window_left, window_right,
+                       seed, rng_row_base, dropout_p,
                        CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
-                       HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
-                       BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                       HAS_WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr,
+                       HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                       INPUT_PRECISION: tl.constexpr):
     d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
@@ -212,6 +226,10 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs,
                             CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW)
         p = tl.math.exp2(tl.minimum(s - lse[:, None], 0.0))  # P <= 1, as in dK/dV
         dp = tl.dot(do, v_t, input_precision=INPUT_PRECISION)
+        if DROPOUT:
+            keep = dropout_keep(seed, rng_row_base, offs_m[:, None], cols[None, :], seqlen_k,
+                                dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=INPUT_PRECISION)
     return dq
@@ -226,8 +244,10 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, DQ, sm_scale,
                  stride_mb, stride_mh, stride_mm, stride_mn,
                  stride_dqb, stride_dqh, stride_dqm,
                  num_heads, group_size, seqlen_q, seqlen_k, window_left, window_right,
+                 seed, dropout_p,
                  CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
-                 HAS_WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                 HAS_WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1)
@@ -254,6 +274,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, DQ, sm_scale,
     qk_scale = sm_scale * 1.4426950408889634  # log2(e)
 
     mask_base = MASK + off_b * stride_mb + off_h * stride_mh
+    rng_row_base = off_bh.to(tl.int64) * seqlen_q
     if MASK_KIND != 0 or HAS_WINDOW:
         # -- key range as in the forward, every tile masked --
         lo, hi = key_range(start_m, seqlen_k, window_left, window_right,
@@ -261,8 +282,9 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, DQ, sm_scale,
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn,
             offs_m, offs_n, offs_d, lo, hi, seqlen_q, seqlen_k, qk_scale, mask_base,
-            stride_mm, stride_mn, window_left, window_right,
-            CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, True, HEAD_DIM, BLOCK_N, INPUT_PRECISION)
+            stride_mm, stride_mn, window_left, window_right, seed, rng_row_base, dropout_p,
+            CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, True, HEAD_DIM, BLOCK_N,
+            INPUT_PRECISION)
     else:
         # -- key range, as in the forward: [0, full) unmasked, [full, hi) masked --
         full = (seqlen_k // BLOCK_N) * BLOCK_N
@@ -273,13 +295,15 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, DQ, sm_scale,
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn,
             offs_m, offs_n, offs_d, 0, full, seqlen_q, seqlen_k, qk_scale, mask_base,
-            stride_mm, stride_mn, window_left, window_right,
-            CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, False, HEAD_DIM, BLOCK_N, INPUT_PRECISION)
+            stride_mm, stride_mn, window_left, window_right, seed, rng_row_base, dropout_p,
+            CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, False, HEAD_DIM, BLOCK_N,
+            INPUT_PRECISION)
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn,
             offs_m, offs_n, offs_d, full, hi, seqlen_q, seqlen_k, qk_scale, mask_base,
-            stride_mm, stride_mn, window_left, window_right,
-            CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, True, HEAD_DIM, BLOCK_N, INPUT_PRECISION)
+            stride_mm, stride_mn, window_left, window_right, seed, rng_row_base, dropout_p,
+            CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, True, HEAD_DIM, BLOCK_N,
+            INPUT_PRECISION)
 
     dq *= sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + row0 * stride_dqm
@@ -289,12 +313,13 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, DQ, sm_scale,
 def attention_backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor,
                        k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
                        causal: bool, scale: float, mask: torch.Tensor | None = None,
-                       window: tuple[int, int] = (-1, -1)
+                       window: tuple[int, int] = (-1, -1), dropout_p: float = 0.0, seed: int = 0
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of the attention forward, recomputing P from lse.
 
     `do` must have stride(-1) == 1; `dlse`, if given, is the gradient of the
-    returned logsumexp, shape (B, H_q, S_q); `mask` and `window` as in the forward.
+    returned logsumexp, shape (B, H_q, S_q); `mask`, `window`, `dropout_p` and
+    `seed` as in the forward, whose dropout mask is regenerated, not stored.
     """
     batch, heads_q, seqlen_q, head_dim = q.shape
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
@@ -320,15 +345,15 @@ def attention_backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Ten
                   v.stride(0), v.stride(1), v.stride(2),
                   do.stride(0), do.stride(1), do.stride(2), *mask_strides)
     constexprs = dict(CAUSAL=causal, MASK_KIND=mask_kind, MASK_ROW=mask_row,
-                      HAS_WINDOW=tuple(window) != (-1, -1), HEAD_DIM=head_dim,
-                      INPUT_PRECISION=precision)
+                      HAS_WINDOW=tuple(window) != (-1, -1), DROPOUT=dropout_p > 0,
+                      HEAD_DIM=head_dim, INPUT_PRECISION=precision)
     launch(
         _attn_bwd_dkdv,
         lambda cfg: (triton.cdiv(seqlen_k, cfg.block_n), batch * heads_kv),
         (q, k, v, do, lse, delta, mask_ptr, dk, dv, scale, *strides_in,
          dk.stride(0), dk.stride(1), dk.stride(2),
          dv.stride(0), dv.stride(1), dv.stride(2),
-         heads_kv, group, seqlen_q, seqlen_k, *window),
+         heads_kv, group, seqlen_q, seqlen_k, *window, seed, dropout_p),
         constexprs, key_major=True, block_d=block_d, element_size=q.element_size(),
     )
     launch(
@@ -336,7 +361,7 @@ def attention_backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Ten
         lambda cfg: (triton.cdiv(seqlen_q, cfg.block_m), batch * heads_q),
         (q, k, v, do, lse, delta, mask_ptr, dq, scale, *strides_in,
          dq.stride(0), dq.stride(1), dq.stride(2),
-         heads_q, group, seqlen_q, seqlen_k, *window),
+         heads_q, group, seqlen_q, seqlen_k, *window, seed, dropout_p),
         constexprs, key_major=False, block_d=block_d, element_size=q.element_size(),
     )
     return dq, dk, dv

@@ -18,16 +18,17 @@ import triton
 import triton.language as tl
 
 from .launch_config import launch, padded_head_dim
-from .masking import key_range, mask_scores
+from .masking import dropout_keep, key_range, mask_scores
 
 
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn,
                     offs_m, offs_n, offs_d, lo, hi, seqlen_q, seqlen_k, qk_scale,
                     mask_base, stride_mm, stride_mn, window_left, window_right,
+                    seed, rng_row_base, dropout_p,
                     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
-                    HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    HAS_WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                     INPUT_PRECISION: tl.constexpr):
     d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
@@ -56,6 +57,11 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn,
         else:
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None]
+        if DROPOUT:
+            # l_i normalises the undropped P; O = dropout(P) V, kept entries scaled 1/(1-p)
+            keep = dropout_keep(seed, rng_row_base, offs_m[:, None], cols[None, :], seqlen_k,
+                                dropout_p)
+            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -69,8 +75,10 @@ def _attn_fwd(Q, K, V, O, LSE, MASK, sm_scale,
               stride_ob, stride_oh, stride_om,
               stride_mb, stride_mh, stride_mm, stride_mn,
               num_heads, group_size, seqlen_q, seqlen_k, window_left, window_right,
+              seed, dropout_p,
               CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
-              HAS_WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+              HAS_WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
+              HEAD_DIM: tl.constexpr, INPUT_PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1)
@@ -101,6 +109,7 @@ def _attn_fwd(Q, K, V, O, LSE, MASK, sm_scale,
     qk_scale = sm_scale * 1.4426950408889634  # log2(e)
 
     mask_base = MASK + off_b * stride_mb + off_h * stride_mh
+    rng_row_base = off_bh.to(tl.int64) * seqlen_q
     if MASK_KIND != 0 or HAS_WINDOW:
         # -- masks or a window: every tile of the key range [lo, hi) is masked --
         lo, hi = key_range(start_m, seqlen_k, window_left, window_right,
@@ -109,7 +118,8 @@ def _attn_fwd(Q, K, V, O, LSE, MASK, sm_scale,
             acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn,
             offs_m, offs_n, offs_d, lo, hi, seqlen_q, seqlen_k, qk_scale,
             mask_base, stride_mm, stride_mn, window_left, window_right,
-            CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, True, HEAD_DIM, BLOCK_N, BLOCK_D,
+            seed, rng_row_base, dropout_p,
+            CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, True, HEAD_DIM, BLOCK_N, BLOCK_D,
             INPUT_PRECISION)
     else:
         # -- [0, full) is visible to every row of the block; [full, hi) needs masks --
@@ -122,13 +132,15 @@ def _attn_fwd(Q, K, V, O, LSE, MASK, sm_scale,
             acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn,
             offs_m, offs_n, offs_d, 0, full, seqlen_q, seqlen_k, qk_scale,
             mask_base, stride_mm, stride_mn, window_left, window_right,
-            CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, False, HEAD_DIM, BLOCK_N, BLOCK_D,
+            seed, rng_row_base, dropout_p,
+            CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, False, HEAD_DIM, BLOCK_N, BLOCK_D,
             INPUT_PRECISION)
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn,
             offs_m, offs_n, offs_d, full, hi, seqlen_q, seqlen_k, qk_scale,
             mask_base, stride_mm, stride_mn, window_left, window_right,
-            CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, True, HEAD_DIM, BLOCK_N, BLOCK_D,
+            seed, rng_row_base, dropout_p,
+            CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, True, HEAD_DIM, BLOCK_N, BLOCK_D,
             INPUT_PRECISION)
 
     # -- epilogue: rows with no visible key give O = 0 and lse = -inf --
@@ -160,12 +172,14 @@ def mask_launch_args(mask: torch.Tensor | None, like: torch.Tensor):
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                       scale: float, mask: torch.Tensor | None = None,
-                      window: tuple[int, int] = (-1, -1)) -> tuple[torch.Tensor, torch.Tensor]:
+                      window: tuple[int, int] = (-1, -1), dropout_p: float = 0.0,
+                      seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernel on validated (B, H, S, D) inputs with stride(-1) == 1.
 
     `mask` is None or a (B, H_q, S_q, S_k) view (stride 0 on broadcast dims) of a
     boolean (True = may attend) or additive float mask; `window` is (left, right)
-    with -1 for unbounded. Returns O (same shape and, where dense, same strides
+    with -1 for unbounded; dropout_p > 0 drops pairs by Philox(seed) on their
+    global index (b * H_q + h, i, j). Returns O (same shape and, where dense, same strides
     as q) and the fp32 natural-log logsumexp of shape (B, H_q, S_q).
     """
     batch, heads_q, seqlen_q, head_dim = q.shape
@@ -182,9 +196,9 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
          v.stride(0), v.stride(1), v.stride(2),
          o.stride(0), o.stride(1), o.stride(2),
          *mask_strides,
-         heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, *window),
+         heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, *window, seed, dropout_p),
         dict(CAUSAL=causal, MASK_KIND=mask_kind, MASK_ROW=mask_row,
-             HAS_WINDOW=tuple(window) != (-1, -1), HEAD_DIM=head_dim,
+             HAS_WINDOW=tuple(window) != (-1, -1), DROPOUT=dropout_p > 0, HEAD_DIM=head_dim,
              INPUT_PRECISION=input_precision(q.dtype)),
         key_major=False,
         block_d=padded_head_dim(head_dim),

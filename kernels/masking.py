@@ -1,4 +1,5 @@
-"""Which (query, key) pairs a score tile may use: bounds, causal, sliding window, attn_mask.
+"""Which (query, key) pairs a score tile may use: bounds, causal, sliding window, attn_mask;
+and which ones attention dropout keeps.
 
 Shared by the forward and both backward kernels. Tiles are given by two
 broadcastable 2-D index tensors, rows (query positions) and cols (key
@@ -71,3 +72,11 @@ def query_range(start_n, seqlen_q, window_left, window_right,
         lo = tl.where(window_right >= 0, tl.maximum(lo, start_n - window_right), lo)
         hi = tl.where(window_left >= 0, tl.minimum(hi, start_n + BLOCK_N + window_left), hi)
     return (tl.maximum(lo, 0) // BLOCK_M) * BLOCK_M, hi
+
+
+@triton.jit
+def dropout_keep(seed, rng_row_base, rows, cols, seqlen_k, dropout_p):
+    """True where dropout keeps the pair: Philox via tl.rand on the pair's global index
+    (rng_row_base + row) * seqlen_k + col, in int64, the same in forward and backward."""
+    offsets = (rng_row_base + rows.to(tl.int64)) * seqlen_k + cols
+    return tl.rand(seed, offsets) >= dropout_p

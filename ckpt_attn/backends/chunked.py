@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
+from . import philox
+
 CHUNK = 128
 
 
@@ -72,6 +74,18 @@ def _scores(q_g: torch.Tensor, k: torch.Tensor, start: int, stop: int, keys: sli
     return scores.masked_fill(hidden, float("-inf"))
 
 
+def _dropout_keep(seed: int, dropout_p: float, shape: tuple[int, ...], start: int, stop: int,
+                  keys: slice, group: int, device: torch.device) -> torch.Tensor:
+    """The kernels' dropout decisions for one chunk, (B, H_kv, G * rows, len(keys)): Philox
+    on the pair's global index ((b * H_q + h) * S_q + i) * S_k + j."""
+    batch, heads_q, seqlen_q, seqlen_k = shape
+    head = torch.arange(batch * heads_q, device=device).view(batch, heads_q, 1, 1)
+    row = torch.arange(start, stop, device=device).view(1, 1, -1, 1)
+    col = torch.arange(keys.start, keys.stop, device=device).view(1, 1, 1, -1)
+    offsets = (head * seqlen_q + row) * seqlen_k + col
+    return _grouped(philox.uniform(seed, offsets) >= dropout_p, group)
+
+
 def _softmax(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward: (P, lse), normalised exactly; a row with no visible key gets P = 0, not NaN."""
     lse = torch.logsumexp(scores, dim=-1)
@@ -88,10 +102,12 @@ def _recomputed_probabilities(scores: torch.Tensor, lse: torch.Tensor) -> torch.
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                       scale: float, mask: torch.Tensor | None = None,
-                      window: tuple[int, int] = (-1, -1)) -> tuple[torch.Tensor, torch.Tensor]:
+                      window: tuple[int, int] = (-1, -1), dropout_p: float = 0.0,
+                      seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward on (B, H, S, D) inputs: O shaped like q, logsumexp (B, H_q, S_q)."""
     group = q.shape[1] // k.shape[1]
     dtype = compute_dtype(q.dtype)
+    shape = (*q.shape[:3], k.shape[2])
     k_c, v_c = k.to(dtype), v.to(dtype)
     o = torch.empty_like(q)
     lse = torch.empty(q.shape[:3], device=q.device, dtype=dtype)
@@ -101,6 +117,9 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
         q_g = _grouped(q[:, :, start:stop].to(dtype), group)
         p, lse_g = _softmax(_scores(q_g, k_c, start, stop, keys, group, causal, scale, mask,
                                     window))
+        if dropout_p > 0:
+            keep = _dropout_keep(seed, dropout_p, shape, start, stop, keys, group, q.device)
+            p = torch.where(keep, p / (1 - dropout_p), 0.0)
         o[:, :, start:stop] = _ungrouped(torch.matmul(p, v_c[:, :, keys]), group).to(q.dtype)
         lse[:, :, start:stop] = _ungrouped(lse_g[..., None], group)[..., 0]
     return o, lse
@@ -109,11 +128,12 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
 def attention_backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor,
                        k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
                        causal: bool, scale: float, mask: torch.Tensor | None = None,
-                       window: tuple[int, int] = (-1, -1)
+                       window: tuple[int, int] = (-1, -1), dropout_p: float = 0.0, seed: int = 0
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dq, dk, dv), recomputing P chunk by chunk from the saved lse."""
+    """Gradients (dq, dk, dv), recomputing P (and the dropout mask) chunk by chunk."""
     group = q.shape[1] // k.shape[1]
     dtype = compute_dtype(q.dtype)
+    shape = (*q.shape[:3], k.shape[2])
     k_c, v_c = k.to(dtype), v.to(dtype)
     dq = torch.empty_like(q)
     dk = torch.zeros(k.shape, device=k.device, dtype=dtype)
@@ -130,8 +150,14 @@ def attention_backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Ten
         keys = _visible_keys(k.shape[2], start, stop, causal, window)
         scores = _scores(q_g, k_c, start, stop, keys, group, causal, scale, mask, window)
         p = _recomputed_probabilities(scores, lse_g)
-        dv[:, :, keys] += torch.matmul(p.transpose(-1, -2), do_g)
-        ds = p * (torch.matmul(do_g, v_c[:, :, keys].transpose(-1, -2)) - delta_g)
+        dp = torch.matmul(do_g, v_c[:, :, keys].transpose(-1, -2))
+        z = p
+        if dropout_p > 0:
+            keep = _dropout_keep(seed, dropout_p, shape, start, stop, keys, group, q.device)
+            z = torch.where(keep, p / (1 - dropout_p), 0.0)
+            dp = torch.where(keep, dp / (1 - dropout_p), 0.0)
+        dv[:, :, keys] += torch.matmul(z.transpose(-1, -2), do_g)
+        ds = p * (dp - delta_g)
         dq[:, :, start:stop] = _ungrouped(torch.matmul(ds, k_c[:, :, keys]) * scale,
                                           group).to(q.dtype)
         dk[:, :, keys] += torch.matmul(ds.transpose(-1, -2), q_g) * scale
