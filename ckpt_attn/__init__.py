@@ -1,10 +1,13 @@
 """ckpt-attn: attention that never stores S x S, and checkpoint policies on top.
 
 Public API:
-    attention(q, k, v, *, causal=False, scale=None, return_lse=False, backend="auto")
+    attention(q, k, v, attn_mask=None, dropout_p=0.0, causal=False, *, scale=None,
+              window=None, return_lse=False, backend="auto")
+    attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
+                     causal=False, scale=None, dropout_p=0.0, window=None, backend="auto")
 """
 
-from .ops import attention
+from .ops import attention, attention_varlen
 
-__all__ = ["attention"]
+__all__ = ["attention", "attention_varlen"]
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
-"""ckpt_attn.attention: validate, pick a backend, run one custom op with registered autograd.
+"""ckpt_attn.attention and attention_varlen: validate, pick a backend, run one custom op
+with registered autograd.
 
 The forward op saves exactly q, k, v, O and the logsumexp for backward; the
 backward op recomputes the attention probabilities from them. Both ops have
@@ -9,11 +10,19 @@ FakeTensorMode and through torch.compile.
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils.flop_counter import register_flop_formula
 
 from . import backends
 from .backends.chunked import compute_dtype
-from .validation import check_dropout, check_qkv, check_window, expand_mask, resolve_scale
+from .validation import (
+    check_cu_seqlens,
+    check_dropout,
+    check_qkv,
+    check_window,
+    expand_mask,
+    resolve_scale,
+)
 
 _LIB = "ckpt_attn"
 
@@ -22,13 +31,17 @@ _LIB = "ckpt_attn"
 def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        mask: torch.Tensor | None, causal: bool, scale: float, window_left: int,
                        window_right: int, dropout_p: float, seed: int,
+                       cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
+                       max_seqlen_q: int, max_seqlen_k: int,
                        backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    packed = _packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return backends.forward(backend, q, k, v, causal, scale, mask, (window_left, window_right),
-                            dropout_p, seed)
+                            dropout_p, seed, packed)
 
 
 @_attention_forward.register_fake
-def _(q, k, v, mask, causal, scale, window_left, window_right, dropout_p, seed, backend):
+def _(q, k, v, mask, causal, scale, window_left, window_right, dropout_p, seed, cu_seqlens_q,
+      cu_seqlens_k, max_seqlen_q, max_seqlen_k, backend):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=compute_dtype(q.dtype))
 
 
@@ -36,24 +49,38 @@ def _(q, k, v, mask, causal, scale, window_left, window_right, dropout_p, seed, 
 def _attention_backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor,
                         k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
                         mask: torch.Tensor | None, causal: bool, scale: float, window_left: int,
-                        window_right: int, dropout_p: float, seed: int, backend: str
+                        window_right: int, dropout_p: float, seed: int,
+                        cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
+                        max_seqlen_q: int, max_seqlen_k: int, backend: str
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    packed = _packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return backends.backward(backend, do, dlse, q, k, v, o, lse, causal, scale, mask,
-                             (window_left, window_right), dropout_p, seed)
+                             (window_left, window_right), dropout_p, seed, packed)
 
 
 @_attention_backward.register_fake
 def _(do, dlse, q, k, v, o, lse, mask, causal, scale, window_left, window_right, dropout_p, seed,
-      backend):
+      cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
+def _packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> tuple | None:
+    """The backends' description of packed sequences, or None for a batch."""
+    if cu_seqlens_q is None:
+        return None
+    return (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, causal, scale, window_left, window_right, dropout_p, seed, backend = inputs
+    (q, k, v, mask, causal, scale, window_left, window_right, dropout_p, seed,
+     cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, backend) = inputs
     o, lse = output
-    ctx.has_mask = mask is not None
-    # the caller's mask (a broadcast view, never a copy) is needed to recompute P
-    ctx.save_for_backward(q, k, v, o, lse, *((mask,) if ctx.has_mask else ()))
+    # Optional extras: the caller's mask (a broadcast view, never a copy), needed to
+    # recompute P, and the packed sequences' cumulative lengths.
+    extras = [t for t in (mask, cu_seqlens_q, cu_seqlens_k) if t is not None]
+    ctx.has_mask, ctx.is_packed = mask is not None, cu_seqlens_q is not None
+    ctx.save_for_backward(q, k, v, o, lse, *extras)
+    ctx.max_seqlens = (max_seqlen_q, max_seqlen_k)
     ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
     ctx.window = (window_left, window_right)
     # the dropout mask is regenerated from (seed, pair index), never stored
@@ -63,43 +90,73 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, do, dlse):
-    q, k, v, o, lse, *mask = ctx.saved_tensors
-    mask = mask[0] if ctx.has_mask else None
+    q, k, v, o, lse, *extras = ctx.saved_tensors
+    mask = extras.pop(0) if ctx.has_mask else None
+    cu_seqlens = extras if ctx.is_packed else [None, None]
     if do is None:
         do = torch.zeros_like(o)
     elif do.stride(-1) != 1:
         # e.g. the expanded gradient of o.sum(): every stride 0
         do = do.contiguous()
     dq, dk, dv = _attention_backward(do, dlse, q, k, v, o, lse, mask, ctx.causal, ctx.scale,
-                                     *ctx.window, *ctx.dropout, ctx.backend)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+                                     *ctx.window, *ctx.dropout, *cu_seqlens, *ctx.max_seqlens,
+                                     ctx.backend)
+    return dq, dk, dv, *([None] * 12)
 
 
 _attention_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-def visible_pairs(seqlen_q: int, seqlen_k: int, causal: bool) -> int:
-    """Number of (query, key) pairs attention computes: all, or j <= i when causal."""
-    if not causal:
-        return seqlen_q * seqlen_k
-    diagonal = min(seqlen_q, seqlen_k)
-    return diagonal * (diagonal + 1) // 2 + (seqlen_q - diagonal) * seqlen_k
+def visible_pairs(seqlen_q: int, seqlen_k: int, causal: bool,
+                  window: tuple[int, int] = (-1, -1)) -> int:
+    """Number of (query, key) pairs attention computes, given causal and the window."""
+    left, right = window
+    rows = torch.arange(seqlen_q)
+    first = (rows - left).clamp(min=0) if left >= 0 else torch.zeros_like(rows)
+    last = torch.full_like(rows, seqlen_k - 1)
+    if right >= 0:
+        last = torch.minimum(last, rows + right)
+    if causal:
+        last = torch.minimum(last, rows)
+    return int((last - first + 1).clamp(min=0).sum())
 
 
-# FlopCounterMode formulas (FlashAttention-2's convention, exact for causal):
-# forward = 2 matmuls (QK^T, PV); backward = 5 (the recomputed QK^T, dV, dP, dQ, dK).
-@register_flop_formula(torch.ops.ckpt_attn.attention_forward)
-def _forward_flops(q_shape, k_shape, v_shape, mask_shape, causal, *args, out_shape=None,
-                   **kwargs) -> int:
-    batch, heads, seqlen_q, head_dim = q_shape
-    return 2 * 2 * batch * heads * head_dim * visible_pairs(seqlen_q, k_shape[2], causal)
+def _pairs(q, k, causal, window, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> int:
+    """Visible pairs per (batch, head): summed over packed sequences when there are any.
+
+    Without readable lengths (meta or fake tensors) each sequence counts as the
+    longest one, an upper bound."""
+    if cu_seqlens_q is None:
+        return visible_pairs(q.shape[2], k.shape[2], causal, window)
+    if cu_seqlens_q.device.type == "meta" or is_fake(cu_seqlens_q):
+        count = cu_seqlens_q.shape[0] - 1
+        return count * visible_pairs(max_seqlen_q, max_seqlen_k, causal, window)
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    return sum(visible_pairs(bounds_q[s + 1] - bounds_q[s], bounds_k[s + 1] - bounds_k[s],
+                             causal, window) for s in range(len(bounds_q) - 1))
 
 
-@register_flop_formula(torch.ops.ckpt_attn.attention_backward)
-def _backward_flops(do_shape, dlse_shape, q_shape, k_shape, v_shape, o_shape, lse_shape,
-                    mask_shape, causal, *args, out_shape=None, **kwargs) -> int:
-    batch, heads, seqlen_q, head_dim = q_shape
-    return 5 * 2 * batch * heads * head_dim * visible_pairs(seqlen_q, k_shape[2], causal)
+# FlopCounterMode formulas (FlashAttention-2's convention, exact for causal, windows and
+# packed sequences): forward = 2 matmuls (QK^T, PV); backward = 5 (the recomputed QK^T,
+# dV, dP, dQ, dK).
+@register_flop_formula(torch.ops.ckpt_attn.attention_forward, get_raw=True)
+def _forward_flops(q, k, v, mask, causal, scale, window_left, window_right, dropout_p, seed,
+                   cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, backend,
+                   out_val=None) -> int:
+    batch, heads, _, head_dim = q.shape
+    pairs = _pairs(q, k, causal, (window_left, window_right), cu_seqlens_q, cu_seqlens_k,
+                   max_seqlen_q, max_seqlen_k)
+    return 2 * 2 * batch * heads * head_dim * pairs
+
+
+@register_flop_formula(torch.ops.ckpt_attn.attention_backward, get_raw=True)
+def _backward_flops(do, dlse, q, k, v, o, lse, mask, causal, scale, window_left, window_right,
+                    dropout_p, seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                    backend, out_val=None) -> int:
+    batch, heads, _, head_dim = q.shape
+    pairs = _pairs(q, k, causal, (window_left, window_right), cu_seqlens_q, cu_seqlens_k,
+                   max_seqlen_q, max_seqlen_k)
+    return 5 * 2 * batch * heads * head_dim * pairs
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -150,5 +207,50 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     seed = int(torch.randint(0, 2**31 - 1, ())) if dropout_p > 0 else 0
     resolved = backends.resolve_backend(backend, q)
     o, lse = _attention_forward(q, k, v, mask, bool(causal), scale, window_left, window_right,
-                                dropout_p, seed, resolved)
+                                dropout_p, seed, None, None, 0, 0, resolved)
     return (o, lse) if return_lse else o
+
+
+def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
+                     max_seqlen_k: int, *, causal: bool = False, scale: float | None = None,
+                     dropout_p: float = 0.0, window: tuple[int, int] | None = None,
+                     backend: str = "auto") -> torch.Tensor:
+    """Attention over packed sequences of different lengths (flash-attention's varlen API).
+
+    Args:
+        q: (total_q, H_q, D) the queries of every sequence, one after the other.
+        k, v: (total_k, H_kv, D).
+        cu_seqlens_q, cu_seqlens_k: int32 (num_seqs + 1,) cumulative lengths starting
+            at 0: sequence s owns rows cu_seqlens_q[s]:cu_seqlens_q[s+1] of q and
+            cu_seqlens_k[s]:cu_seqlens_k[s+1] of k and v.
+        max_seqlen_q, max_seqlen_k: the longest sequence on each side (checked).
+        causal, scale, dropout_p, window: as in attention(), within each sequence.
+
+    No query attends across a sequence boundary and no padding is computed. With
+    dropout, sequence s draws from the stream seed + s.
+
+    Returns:
+        O, (total_q, H_q, D), in q's layout.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be 3-D (total_tokens, heads, head_dim), got {shape}")
+    # (total, H, D) -> (1, H, total, D) views: the batched kernels' layout, no copy
+    q4, k4, v4 = (t.unsqueeze(0).transpose(1, 2) for t in (q, k, v))
+    check_qkv(q4, k4, v4)
+    check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, "max_seqlen_q", q)
+    check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, "max_seqlen_k", q)
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe as many sequences, got "
+                         f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()} entries")
+    scale = resolve_scale(scale, q.shape[-1])
+    window_left, window_right = check_window(window)
+    dropout_p = check_dropout(dropout_p)
+    seed = int(torch.randint(0, 2**31 - 1, ())) if dropout_p > 0 else 0
+    resolved = backends.resolve_backend(backend, q4)
+    o, _ = _attention_forward(q4, k4, v4, None, bool(causal), scale, window_left, window_right,
+                              dropout_p, seed, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
+                              int(max_seqlen_k), resolved)
+    return o[0].transpose(0, 1)

@@ -126,3 +126,29 @@ def check_dropout(dropout_p) -> float:
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     return float(dropout_p)
+
+
+def check_cu_seqlens(cu_seqlens, name: str, total: int, max_seqlen, max_name: str,
+                     q: torch.Tensor) -> None:
+    """Cumulative sequence lengths: int32, 1-D, on q's device, from 0, non-decreasing,
+    ending at `total`, with no sequence longer than `max_seqlen`."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"{name} must be 1-D with num_seqs + 1 entries, got shape "
+                         f"{tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"{name} must be on q's device ({q.device}), got {cu_seqlens.device}")
+    bounds = cu_seqlens.tolist()
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    if bounds[0] != 0 or any(n < 0 for n in lengths):
+        raise ValueError(f"{name} must start at 0 and be non-decreasing, got {bounds[:8]}...")
+    if bounds[-1] != total:
+        raise ValueError(f"{name}[-1] must equal the token count {total}, got {bounds[-1]}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+        raise TypeError(f"{max_name} must be an int, got {type(max_seqlen).__name__}")
+    if max_seqlen < max(lengths, default=0):
+        raise ValueError(f"{max_name} ({max_seqlen}) is below the longest sequence in {name} "
+                         f"({max(lengths)})")

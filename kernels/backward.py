@@ -19,9 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .forward import input_precision, mask_launch_args
+from .forward import input_precision, mask_launch_args, packed_launch_args
 from .launch_config import launch, padded_head_dim
-from .masking import dropout_keep, key_range, mask_scores, query_range
+from .masking import dropout_keep, key_range, mask_scores, query_range, sequence_bounds
 
 
 @triton.jit
@@ -63,8 +63,8 @@ def _load_row_stats(LSE, DELTA, row_base, offs_m, seqlen_q):
 
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
-                         LSE, DELTA, row_base, offs_m, offs_n, offs_d, lo, hi, seqlen_q,
-                         seqlen_k, qk_scale, mask_base, stride_mm, stride_mn,
+                         LSE, DELTA, lse_row_base, rng_row_base, offs_m, offs_n, offs_d, lo, hi,
+                         seqlen_q, seqlen_k, qk_scale, mask_base, stride_mm, stride_mn,
                          window_left, window_right, seed, dropout_p,
                          CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
                          HAS_WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr,
@@ -80,7 +80,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_
         row0 = tl.cast(start_m, tl.int64)
         q = tl.load(q_base + row0 * stride_qm + q_offs, mask=q_mask, other=0.0)
         do = tl.load(do_base + row0 * stride_dom + do_offs, mask=q_mask, other=0.0)
-        lse, delta = _load_row_stats(LSE, DELTA, row_base, rows, seqlen_q)
+        lse, delta = _load_row_stats(LSE, DELTA, lse_row_base, rows, seqlen_q)
         # -- P^T for this tile: (BLOCK_N, BLOCK_M) --
         s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale
         if MASKED:
@@ -95,7 +95,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_
         if DROPOUT:
             # the forward's mask, regenerated: dV = Z^T dO with Z = keep * P / (1 - p),
             # and dP = keep * (dO V^T) / (1 - p)
-            keep_t = dropout_keep(seed, row_base, rows[None, :], offs_n[:, None], seqlen_k,
+            keep_t = dropout_keep(seed, rng_row_base, rows[None, :], offs_n[:, None], seqlen_k,
                                   dropout_p)
             z_t = tl.where(keep_t, p_t / (1.0 - dropout_p), 0.0)
             dp_t = tl.where(keep_t, dp_t / (1.0 - dropout_p), 0.0)
@@ -109,7 +109,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, MASK, DK, DV, sm_scale,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, MASK, CU_Q, CU_K, DK, DV, sm_scale,
                    stride_qb, stride_qh, stride_qm,
                    stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn,
@@ -117,25 +117,29 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, MASK, DK, DV, sm_scale,
                    stride_mb, stride_mh, stride_mm, stride_mn,
                    stride_dkb, stride_dkh, stride_dkn,
                    stride_dvb, stride_dvh, stride_dvn,
-                   num_heads_kv, group_size, seqlen_q, seqlen_k, window_left, window_right,
-                   seed, dropout_p,
+                   num_heads_kv, group_size, seqlen_q, seqlen_k, lse_stride, window_left,
+                   window_right, seed, dropout_p,
                    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
-                   HAS_WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
+                   HAS_WINDOW: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
                    HEAD_DIM: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     off_bhk = tl.program_id(1)
     off_b = (off_bhk // num_heads_kv).to(tl.int64)
     off_hk = (off_bhk % num_heads_kv).to(tl.int64)
+    # -- packed sequences (sides swapped: this program owns keys, loops over queries) --
+    k_start, q_start, seqlen_k, seqlen_q, seqlen_q_loop, seed = sequence_bounds(
+        CU_K, CU_Q, start_n, seqlen_k, seqlen_q, seed, VARLEN)
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     kv_ok = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
     tile_n = tl.arange(0, BLOCK_N)[:, None]
-    k = tl.load(K + off_b * stride_kb + off_hk * stride_kh + tl.cast(start_n, tl.int64) * stride_kn
+    key0 = k_start + tl.cast(start_n, tl.int64)
+    k = tl.load(K + off_b * stride_kb + off_hk * stride_kh + key0 * stride_kn
                 + tile_n * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
-    v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + tl.cast(start_n, tl.int64) * stride_vn
+    v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + key0 * stride_vn
                 + tile_n * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -146,12 +150,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, MASK, DK, DV, sm_scale,
     # -- query range. Without masks or a window: [lo, mid) masked (causal diagonal),
     #    [mid, full) unmasked, [full, seqlen_q) masked (the last, partial query block).
     #    With them: every tile of [lo, hi) masked. --
-    full = (seqlen_q // BLOCK_M) * BLOCK_M
+    full = (seqlen_q_loop // BLOCK_M) * BLOCK_M
     lo = 0
     mid = 0
-    hi = seqlen_q
+    hi = seqlen_q_loop
     if MASK_KIND != 0 or HAS_WINDOW:
-        lo, hi = query_range(start_n, seqlen_q, window_left, window_right,
+        lo, hi = query_range(start_n, seqlen_q_loop, window_left, window_right,
                              CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
     elif CAUSAL:
         # queries before start_n see none of these keys; from the first
@@ -161,41 +165,44 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, MASK, DK, DV, sm_scale,
 
     for g in range(0, group_size):
         off_h = off_hk * group_size + g
-        q_base = Q + off_b * stride_qb + off_h * stride_qh
-        do_base = DO + off_b * stride_dob + off_h * stride_doh
+        q_base = Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qm
+        do_base = DO + off_b * stride_dob + off_h * stride_doh + q_start * stride_dom
         mask_base = MASK + off_b * stride_mb + off_h * stride_mh
-        row_base = (off_b * num_heads_kv * group_size + off_h) * seqlen_q
+        off_bh = off_b * num_heads_kv * group_size + off_h
+        lse_row_base = off_bh * lse_stride + q_start
+        rng_row_base = off_bh * seqlen_q
         if MASK_KIND != 0 or HAS_WINDOW:
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
-                LSE, DELTA, row_base, offs_m, offs_n, offs_d, lo, hi, seqlen_q, seqlen_k,
-                qk_scale, mask_base, stride_mm, stride_mn, window_left, window_right,
+                LSE, DELTA, lse_row_base, rng_row_base, offs_m, offs_n, offs_d, lo, hi, seqlen_q,
+                seqlen_k, qk_scale, mask_base, stride_mm, stride_mn, window_left, window_right,
                 seed, dropout_p, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, True,
                 HEAD_DIM, BLOCK_M, INPUT_PRECISION)
         else:
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
-                LSE, DELTA, row_base, offs_m, offs_n, offs_d, lo, mid, seqlen_q, seqlen_k,
-                qk_scale, mask_base, stride_mm, stride_mn, window_left, window_right,
+                LSE, DELTA, lse_row_base, rng_row_base, offs_m, offs_n, offs_d, lo, mid, seqlen_q,
+                seqlen_k, qk_scale, mask_base, stride_mm, stride_mn, window_left, window_right,
                 seed, dropout_p, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, True,
                 HEAD_DIM, BLOCK_M, INPUT_PRECISION)
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
-                LSE, DELTA, row_base, offs_m, offs_n, offs_d, mid, full, seqlen_q, seqlen_k,
-                qk_scale, mask_base, stride_mm, stride_mn, window_left, window_right,
-                seed, dropout_p, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, False,
+                LSE, DELTA, lse_row_base, rng_row_base, offs_m, offs_n, offs_d, mid, full,
+                seqlen_q, seqlen_k, qk_scale, mask_base, stride_mm, stride_mn, window_left,
+                window_right, seed, dropout_p, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT,
+                False,
                 HEAD_DIM, BLOCK_M, INPUT_PRECISION)
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
-                LSE, DELTA, row_base, offs_m, offs_n, offs_d, full, seqlen_q, seqlen_q,
-                seqlen_k, qk_scale, mask_base, stride_mm, stride_mn, window_left,
-                window_right, seed, dropout_p, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW,
+                LSE, DELTA, lse_row_base, rng_row_base, offs_m, offs_n, offs_d, full,
+                seqlen_q_loop, seqlen_q, seqlen_k, qk_scale, mask_base, stride_mm, stride_mn,
+                window_left, window_right, seed, dropout_p, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW,
                 DROPOUT, True, HEAD_DIM, BLOCK_M, INPUT_PRECISION)
 
     dk *= sm_scale
-    tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + tl.cast(start_n, tl.int64) * stride_dkn
+    tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + key0 * stride_dkn
              + tile_n * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_ok)
-    tl.store(DV + off_b * stride_dvb + off_hk * stride_dvh + tl.cast(start_n, tl.int64) * stride_dvn
+    tl.store(DV + off_b * stride_dvb + off_hk * stride_dvh + key0 * stride_dvn
              + tile_n * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_ok)
 
 
@@ -236,17 +243,17 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs,
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, DQ, sm_scale,
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, CU_Q, CU_K, DQ, sm_scale,
                  stride_qb, stride_qh, stride_qm,
                  stride_kb, stride_kh, stride_kn,
                  stride_vb, stride_vh, stride_vn,
                  stride_dob, stride_doh, stride_dom,
                  stride_mb, stride_mh, stride_mm, stride_mn,
                  stride_dqb, stride_dqh, stride_dqm,
-                 num_heads, group_size, seqlen_q, seqlen_k, window_left, window_right,
-                 seed, dropout_p,
+                 num_heads, group_size, seqlen_q, seqlen_k, lse_stride, window_left,
+                 window_right, seed, dropout_p,
                  CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
-                 HAS_WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
+                 HAS_WINDOW: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
                  HEAD_DIM: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
@@ -254,20 +261,23 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, DQ, sm_scale,
     off_b = (off_bh // num_heads).to(tl.int64)
     off_h = (off_bh % num_heads).to(tl.int64)
     off_hk = off_h // group_size
+    q_start, k_start, seqlen_q, seqlen_k, seqlen_k_loop, seed = sequence_bounds(
+        CU_Q, CU_K, start_m, seqlen_q, seqlen_k, seed, VARLEN)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     tile_m = tl.arange(0, BLOCK_M)[:, None]
     tile_ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
-    row0 = tl.cast(start_m, tl.int64)
+    row0 = q_start + tl.cast(start_m, tl.int64)
     q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + row0 * stride_qm
                 + tile_m * stride_qm + offs_d[None, :], mask=tile_ok, other=0.0)
     do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + row0 * stride_dom
                  + tile_m * stride_dom + offs_d[None, :], mask=tile_ok, other=0.0)
-    lse, delta = _load_row_stats(LSE, DELTA, off_bh.to(tl.int64) * seqlen_q, offs_m, seqlen_q)
-    k_base = K + off_b * stride_kb + off_hk * stride_kh
-    v_base = V + off_b * stride_vb + off_hk * stride_vh
+    lse, delta = _load_row_stats(LSE, DELTA, off_bh.to(tl.int64) * lse_stride + q_start, offs_m,
+                                 seqlen_q)
+    k_base = K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn
+    v_base = V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vn
     k_offs = offs_n[None, :] * stride_kn + offs_d[:, None]
     v_offs = offs_n[None, :] * stride_vn + offs_d[:, None]
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -277,7 +287,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, DQ, sm_scale,
     rng_row_base = off_bh.to(tl.int64) * seqlen_q
     if MASK_KIND != 0 or HAS_WINDOW:
         # -- key range as in the forward, every tile masked --
-        lo, hi = key_range(start_m, seqlen_k, window_left, window_right,
+        lo, hi = key_range(start_m, seqlen_k_loop, window_left, window_right,
                            CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn,
@@ -287,11 +297,11 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, DQ, sm_scale,
             INPUT_PRECISION)
     else:
         # -- key range, as in the forward: [0, full) unmasked, [full, hi) masked --
-        full = (seqlen_k // BLOCK_N) * BLOCK_N
-        hi = seqlen_k
+        full = (seqlen_k_loop // BLOCK_N) * BLOCK_N
+        hi = seqlen_k_loop
         if CAUSAL:
             full = tl.minimum(full, ((start_m + 1) // BLOCK_N) * BLOCK_N)
-            hi = tl.minimum(seqlen_k, start_m + BLOCK_M)
+            hi = tl.minimum(seqlen_k_loop, start_m + BLOCK_M)
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn,
             offs_m, offs_n, offs_d, 0, full, seqlen_q, seqlen_k, qk_scale, mask_base,
@@ -313,13 +323,15 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, DQ, sm_scale,
 def attention_backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor,
                        k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
                        causal: bool, scale: float, mask: torch.Tensor | None = None,
-                       window: tuple[int, int] = (-1, -1), dropout_p: float = 0.0, seed: int = 0
+                       window: tuple[int, int] = (-1, -1), dropout_p: float = 0.0, seed: int = 0,
+                       packed: tuple | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of the attention forward, recomputing P from lse.
 
     `do` must have stride(-1) == 1; `dlse`, if given, is the gradient of the
     returned logsumexp, shape (B, H_q, S_q); `mask`, `window`, `dropout_p` and
-    `seed` as in the forward, whose dropout mask is regenerated, not stored.
+    `seed` as in the forward, whose dropout mask is regenerated, not stored;
+    `packed` as in the forward.
     """
     batch, heads_q, seqlen_q, head_dim = q.shape
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
@@ -347,21 +359,23 @@ def attention_backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Ten
     constexprs = dict(CAUSAL=causal, MASK_KIND=mask_kind, MASK_ROW=mask_row,
                       HAS_WINDOW=tuple(window) != (-1, -1), DROPOUT=dropout_p > 0,
                       HEAD_DIM=head_dim, INPUT_PRECISION=precision)
+    cu_q, cu_k, programs_q, programs_k, sequences = packed_launch_args(packed, q, k)
+    constexprs["VARLEN"] = packed is not None
     launch(
         _attn_bwd_dkdv,
-        lambda cfg: (triton.cdiv(seqlen_k, cfg.block_n), batch * heads_kv),
-        (q, k, v, do, lse, delta, mask_ptr, dk, dv, scale, *strides_in,
+        lambda cfg: (triton.cdiv(programs_k, cfg.block_n), batch * heads_kv, sequences),
+        (q, k, v, do, lse, delta, mask_ptr, cu_q, cu_k, dk, dv, scale, *strides_in,
          dk.stride(0), dk.stride(1), dk.stride(2),
          dv.stride(0), dv.stride(1), dv.stride(2),
-         heads_kv, group, seqlen_q, seqlen_k, *window, seed, dropout_p),
+         heads_kv, group, seqlen_q, seqlen_k, seqlen_q, *window, seed, dropout_p),
         constexprs, key_major=True, block_d=block_d, element_size=q.element_size(),
     )
     launch(
         _attn_bwd_dq,
-        lambda cfg: (triton.cdiv(seqlen_q, cfg.block_m), batch * heads_q),
-        (q, k, v, do, lse, delta, mask_ptr, dq, scale, *strides_in,
+        lambda cfg: (triton.cdiv(programs_q, cfg.block_m), batch * heads_q, sequences),
+        (q, k, v, do, lse, delta, mask_ptr, cu_q, cu_k, dq, scale, *strides_in,
          dq.stride(0), dq.stride(1), dq.stride(2),
-         heads_q, group, seqlen_q, seqlen_k, *window, seed, dropout_p),
+         heads_q, group, seqlen_q, seqlen_k, seqlen_q, *window, seed, dropout_p),
         constexprs, key_major=False, block_d=block_d, element_size=q.element_size(),
     )
     return dq, dk, dv

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .launch_config import launch, padded_head_dim
-from .masking import dropout_keep, key_range, mask_scores
+from .masking import dropout_keep, key_range, mask_scores, sequence_bounds
 
 
 @triton.jit
@@ -68,16 +68,16 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn,
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, MASK, sm_scale,
+def _attn_fwd(Q, K, V, O, LSE, MASK, CU_Q, CU_K, sm_scale,
               stride_qb, stride_qh, stride_qm,
               stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn,
               stride_ob, stride_oh, stride_om,
               stride_mb, stride_mh, stride_mm, stride_mn,
-              num_heads, group_size, seqlen_q, seqlen_k, window_left, window_right,
-              seed, dropout_p,
+              num_heads, group_size, seqlen_q, seqlen_k, lse_stride, window_left,
+              window_right, seed, dropout_p,
               CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
-              HAS_WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
+              HAS_WINDOW: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
               HEAD_DIM: tl.constexpr, INPUT_PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
@@ -85,6 +85,9 @@ def _attn_fwd(Q, K, V, O, LSE, MASK, sm_scale,
     off_b = (off_bh // num_heads).to(tl.int64)
     off_h = (off_bh % num_heads).to(tl.int64)
     off_hk = off_h // group_size  # GQA: the kv head this query head reads
+    # -- packed sequences: this program's sequence, its offsets and lengths --
+    q_start, k_start, seqlen_q, seqlen_k, seqlen_k_loop, seed = sequence_bounds(
+        CU_Q, CU_K, start_m, seqlen_q, seqlen_k, seed, VARLEN)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -94,9 +97,10 @@ def _attn_fwd(Q, K, V, O, LSE, MASK, sm_scale,
 
     # Scalar bases in int64 (B * H * S * D may pass 2**31 elements); offsets
     # inside one tile stay int32.
-    q_base = Q + off_b * stride_qb + off_h * stride_qh + tl.cast(start_m, tl.int64) * stride_qm
-    k_base = K + off_b * stride_kb + off_hk * stride_kh
-    v_base = V + off_b * stride_vb + off_hk * stride_vh
+    q_base = (Q + off_b * stride_qb + off_h * stride_qh
+              + (q_start + tl.cast(start_m, tl.int64)) * stride_qm)
+    k_base = K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn
+    v_base = V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vn
     k_offs = offs_n[None, :] * stride_kn + offs_d[:, None]  # (BLOCK_D, BLOCK_N): K^T tile
     v_offs = offs_n[:, None] * stride_vn + offs_d[None, :]  # (BLOCK_N, BLOCK_D)
     tile_ok = rows_ok[:, None] & d_ok[None, :]
@@ -112,7 +116,7 @@ def _attn_fwd(Q, K, V, O, LSE, MASK, sm_scale,
     rng_row_base = off_bh.to(tl.int64) * seqlen_q
     if MASK_KIND != 0 or HAS_WINDOW:
         # -- masks or a window: every tile of the key range [lo, hi) is masked --
-        lo, hi = key_range(start_m, seqlen_k, window_left, window_right,
+        lo, hi = key_range(start_m, seqlen_k_loop, window_left, window_right,
                            CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn,
@@ -123,11 +127,11 @@ def _attn_fwd(Q, K, V, O, LSE, MASK, sm_scale,
             INPUT_PRECISION)
     else:
         # -- [0, full) is visible to every row of the block; [full, hi) needs masks --
-        full = (seqlen_k // BLOCK_N) * BLOCK_N
-        hi = seqlen_k
+        full = (seqlen_k_loop // BLOCK_N) * BLOCK_N
+        hi = seqlen_k_loop
         if CAUSAL:
             full = tl.minimum(full, ((start_m + 1) // BLOCK_N) * BLOCK_N)
-            hi = tl.minimum(seqlen_k, start_m + BLOCK_M)
+            hi = tl.minimum(seqlen_k_loop, start_m + BLOCK_M)
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn,
             offs_m, offs_n, offs_d, 0, full, seqlen_q, seqlen_k, qk_scale,
@@ -147,10 +151,11 @@ def _attn_fwd(Q, K, V, O, LSE, MASK, sm_scale,
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_i)) * 0.6931471805599453)  # ln(2)
-    o_base = O + off_b * stride_ob + off_h * stride_oh + tl.cast(start_m, tl.int64) * stride_om
+    o_base = (O + off_b * stride_ob + off_h * stride_oh
+              + (q_start + tl.cast(start_m, tl.int64)) * stride_om)
     tl.store(o_base + tl.arange(0, BLOCK_M)[:, None] * stride_om + offs_d[None, :],
              acc.to(O.dtype.element_ty), mask=tile_ok)
-    lse_ptrs = LSE + off_bh.to(tl.int64) * seqlen_q + offs_m
+    lse_ptrs = LSE + off_bh.to(tl.int64) * lse_stride + q_start + offs_m
     tl.store(lse_ptrs, lse, mask=rows_ok)
 
 
@@ -159,6 +164,19 @@ def input_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
+
+
+def packed_launch_args(packed: tuple | None, q: torch.Tensor, k: torch.Tensor):
+    """(CU_Q, CU_K, query programs' span, key programs' span, sequences) for a launch.
+
+    `packed` is None or (cu_q, cu_k, max_q, max_k): q, k, v are then (1, H, total, D)
+    views and sequence s spans rows cu_q[s]:cu_q[s+1] of q and cu_k[s]:cu_k[s+1] of
+    k and v (int32 on the device).
+    """
+    if packed is None:
+        return q, q, q.shape[2], k.shape[2], 1
+    cu_q, cu_k, max_q, max_k = packed
+    return cu_q, cu_k, max_q, max_k, cu_q.numel() - 1
 
 
 def mask_launch_args(mask: torch.Tensor | None, like: torch.Tensor):
@@ -173,32 +191,38 @@ def mask_launch_args(mask: torch.Tensor | None, like: torch.Tensor):
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                       scale: float, mask: torch.Tensor | None = None,
                       window: tuple[int, int] = (-1, -1), dropout_p: float = 0.0,
-                      seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                      seed: int = 0, packed: tuple | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernel on validated (B, H, S, D) inputs with stride(-1) == 1.
 
     `mask` is None or a (B, H_q, S_q, S_k) view (stride 0 on broadcast dims) of a
     boolean (True = may attend) or additive float mask; `window` is (left, right)
     with -1 for unbounded; dropout_p > 0 drops pairs by Philox(seed) on their
-    global index (b * H_q + h, i, j). Returns O (same shape and, where dense, same strides
-    as q) and the fp32 natural-log logsumexp of shape (B, H_q, S_q).
+    index (b * H_q + h, i, j); `packed` (see packed_launch_args) runs packed
+    sequences, each with its own dropout stream seed + s. Returns O (same shape
+    and, where dense, same strides as q) and the fp32 natural-log logsumexp of
+    shape (B, H_q, S_q).
     """
     batch, heads_q, seqlen_q, head_dim = q.shape
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
     o = torch.empty_like(q)
     lse = torch.empty((batch, heads_q, seqlen_q), device=q.device, dtype=torch.float32)
     mask_ptr, mask_strides, mask_kind, mask_row = mask_launch_args(mask, q)
+    cu_q, cu_k, programs_q, _, sequences = packed_launch_args(packed, q, k)
     launch(
         _attn_fwd,
-        lambda cfg: (triton.cdiv(seqlen_q, cfg.block_m), batch * heads_q),
-        (q, k, v, o, lse, mask_ptr, scale,
+        lambda cfg: (triton.cdiv(programs_q, cfg.block_m), batch * heads_q, sequences),
+        (q, k, v, o, lse, mask_ptr, cu_q, cu_k, scale,
          q.stride(0), q.stride(1), q.stride(2),
          k.stride(0), k.stride(1), k.stride(2),
          v.stride(0), v.stride(1), v.stride(2),
          o.stride(0), o.stride(1), o.stride(2),
          *mask_strides,
-         heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, *window, seed, dropout_p),
+         heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, seqlen_q, *window, seed,
+         dropout_p),
         dict(CAUSAL=causal, MASK_KIND=mask_kind, MASK_ROW=mask_row,
-             HAS_WINDOW=tuple(window) != (-1, -1), DROPOUT=dropout_p > 0, HEAD_DIM=head_dim,
+             HAS_WINDOW=tuple(window) != (-1, -1), DROPOUT=dropout_p > 0,
+             VARLEN=packed is not None, HEAD_DIM=head_dim,
              INPUT_PRECISION=input_precision(q.dtype)),
         key_major=False,
         block_d=padded_head_dim(head_dim),

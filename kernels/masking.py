@@ -1,5 +1,6 @@
 """Which (query, key) pairs a score tile may use: bounds, causal, sliding window, attn_mask;
-and which ones attention dropout keeps.
+which ones attention dropout keeps; and, for packed sequences, where a
+program's sequence lies.
 
 Shared by the forward and both backward kernels. Tiles are given by two
 broadcastable 2-D index tensors, rows (query positions) and cols (key
@@ -80,3 +81,25 @@ def dropout_keep(seed, rng_row_base, rows, cols, seqlen_k, dropout_p):
     (rng_row_base + row) * seqlen_k + col, in int64, the same in forward and backward."""
     offsets = (rng_row_base + rows.to(tl.int64)) * seqlen_k + cols
     return tl.rand(seed, offsets) >= dropout_p
+
+
+@triton.jit
+def sequence_bounds(CU_Q, CU_K, start, seqlen_q, seqlen_k, seed, VARLEN: tl.constexpr):
+    """(q_start, k_start, seqlen_q, seqlen_k, loop_len, seed) of this program's sequence.
+
+    Packed (VARLEN): sequence program_id(2) spans CU_Q[s]:CU_Q[s+1] and
+    CU_K[s]:CU_K[s+1]; its dropout stream is seed + s. loop_len is the length of
+    the other side (keys for a query block) to loop over, 0 when the program's
+    block `start` lies past its own side's length, so it does no work.
+    Otherwise: offsets 0 and the given lengths.
+    """
+    if VARLEN:
+        seq = tl.program_id(2)
+        q_start = tl.load(CU_Q + seq)
+        k_start = tl.load(CU_K + seq)
+        seqlen_q = tl.load(CU_Q + seq + 1) - q_start
+        seqlen_k = tl.load(CU_K + seq + 1) - k_start
+        return (q_start.to(tl.int64), k_start.to(tl.int64), seqlen_q, seqlen_k,
+                tl.where(start < seqlen_q, seqlen_k, 0), seed + seq)
+    else:
+        return 0, 0, seqlen_q, seqlen_k, seqlen_k, seed

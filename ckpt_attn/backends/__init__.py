@@ -65,27 +65,29 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
 
 def forward(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
             scale: float, mask: torch.Tensor | None, window: tuple[int, int], dropout_p: float,
-            seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o, lse) from the resolved backend; mask is None or a (B, H_q, S_q, S_k) view."""
+            seed: int, packed: tuple | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, lse) from the resolved backend; mask is None or a (B, H_q, S_q, S_k) view;
+    packed is None or (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)."""
     if q.numel() == 0 or k.shape[2] == 0:
         # No queries, or no keys to attend to: O = 0 and lse = -inf.
         lse = torch.full(q.shape[:3], float("-inf"), device=q.device,
                          dtype=chunked.compute_dtype(q.dtype))
         return torch.zeros_like(q), lse
     impl = _kernels() if backend == "triton" else chunked
-    return impl.attention_forward(q, k, v, causal, scale, mask, window, dropout_p, seed)
+    return impl.attention_forward(q, k, v, causal, scale, mask, window, dropout_p, seed, packed)
 
 
 def backward(backend: str, do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor,
              k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, causal: bool,
              scale: float, mask: torch.Tensor | None, window: tuple[int, int],
-             dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             dropout_p: float, seed: int, packed: tuple | None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) from the resolved backend."""
     if q.numel() == 0 or k.numel() == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     impl = _kernels() if backend == "triton" else chunked
     return impl.attention_backward(do, dlse, q, k, v, o, lse, causal, scale, mask, window,
-                                   dropout_p, seed)
+                                   dropout_p, seed, packed)
 
 
 def _kernels():

@@ -100,11 +100,32 @@ def _recomputed_probabilities(scores: torch.Tensor, lse: torch.Tensor) -> torch.
     return torch.exp((scores - lse[..., None]).clamp(max=0.0))
 
 
+def _sequences(packed: tuple) -> list[tuple[int, slice, slice]]:
+    """(index, query rows, key rows) of each packed sequence with at least one query."""
+    bounds_q, bounds_k = packed[0].tolist(), packed[1].tolist()
+    return [(s, slice(bounds_q[s], bounds_q[s + 1]), slice(bounds_k[s], bounds_k[s + 1]))
+            for s in range(len(bounds_q) - 1) if bounds_q[s + 1] > bounds_q[s]]
+
+
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                       scale: float, mask: torch.Tensor | None = None,
                       window: tuple[int, int] = (-1, -1), dropout_p: float = 0.0,
-                      seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward on (B, H, S, D) inputs: O shaped like q, logsumexp (B, H_q, S_q)."""
+                      seed: int = 0, packed: tuple | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward on (B, H, S, D) inputs: O shaped like q, logsumexp (B, H_q, S_q).
+
+    With `packed` = (cu_q, cu_k, max_q, max_k) the inputs are (1, H, total, D)
+    views of packed sequences, run one by one (sequence s with dropout seed + s).
+    """
+    if packed is not None:
+        o = torch.zeros_like(q)
+        lse = torch.full(q.shape[:3], float("-inf"), device=q.device,
+                         dtype=compute_dtype(q.dtype))
+        for s, rows, keys in _sequences(packed):
+            o[:, :, rows], lse[:, :, rows] = attention_forward(
+                q[:, :, rows], k[:, :, keys], v[:, :, keys], causal, scale, None, window,
+                dropout_p, seed + s)
+        return o, lse
     group = q.shape[1] // k.shape[1]
     dtype = compute_dtype(q.dtype)
     shape = (*q.shape[:3], k.shape[2])
@@ -128,9 +149,18 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
 def attention_backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor,
                        k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
                        causal: bool, scale: float, mask: torch.Tensor | None = None,
-                       window: tuple[int, int] = (-1, -1), dropout_p: float = 0.0, seed: int = 0
+                       window: tuple[int, int] = (-1, -1), dropout_p: float = 0.0, seed: int = 0,
+                       packed: tuple | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv), recomputing P (and the dropout mask) chunk by chunk."""
+    if packed is not None:
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for s, rows, keys in _sequences(packed):
+            dq[:, :, rows], dk[:, :, keys], dv[:, :, keys] = attention_backward(
+                do[:, :, rows], None if dlse is None else dlse[:, :, rows], q[:, :, rows],
+                k[:, :, keys], v[:, :, keys], o[:, :, rows], lse[:, :, rows], causal, scale,
+                None, window, dropout_p, seed + s)
+        return dq, dk, dv
     group = q.shape[1] // k.shape[1]
     dtype = compute_dtype(q.dtype)
     shape = (*q.shape[:3], k.shape[2])
