@@ -150,7 +150,8 @@ def _attn_fwd(Q, K, V, O, LSE, MASK, CU_Q, CU_K, sm_scale,
     # -- epilogue: rows with no visible key give O = 0 and lse = -inf --
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_i)) * 0.6931471805599453)  # ln(2)
+    lse = tl.where(empty, float("-inf"),
+                   (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)  # ln(2)
     o_base = (O + off_b * stride_ob + off_h * stride_oh
               + (q_start + tl.cast(start_m, tl.int64)) * stride_om)
     tl.store(o_base + tl.arange(0, BLOCK_M)[:, None] * stride_om + offs_d[None, :],

@@ -25,6 +25,8 @@ from triton.compiler import ASTSource  # noqa: E402
 # Usable shared memory per block (opt-in maximum), bytes.
 SHARED_LIMIT = {80: 166912, 90: 232448}
 FP32_POINTERS = {"LSE", "DELTA", "DLSE"}
+INT32_POINTERS = {"CU_Q", "CU_K"}
+FP32_SCALARS = {"sm_scale", "dropout_p"}
 
 KERNELS = {
     "forward": (forward._attn_fwd, False),
@@ -44,11 +46,13 @@ def signature(kernel, dtype: str, constexprs: dict) -> dict:
         elif name.isupper():
             if name in FP32_POINTERS:
                 sig[name] = "*fp32"
+            elif name in INT32_POINTERS:
+                sig[name] = "*i32"
             elif name == "MASK" and constexprs["MASK_KIND"] == 1:
                 sig[name] = "*u8"
             else:
                 sig[name] = f"*{dtype}"
-        elif name == "sm_scale":
+        elif name in FP32_SCALARS:
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
@@ -60,7 +64,7 @@ def compile_one(name: str, block_d: int, dtype: str, arch: int, mask_kind: int =
     """Compile one kernel with its first table candidate; return its resource use.
 
     mask_kind 0 compiles the plain causal kernel; 1 (bool) and 2 (float) add an
-    attn_mask tile and a sliding window.
+    attn_mask tile, a sliding window, dropout and packed sequences.
     """
     kernel, key_major = KERNELS[name]
     table = launch_config._KEY_MAJOR if key_major else launch_config._QUERY_MAJOR
@@ -68,8 +72,9 @@ def compile_one(name: str, block_d: int, dtype: str, arch: int, mask_kind: int =
     element_size = 4 if dtype == "fp32" else 2
     if element_size > 2:
         config = launch_config._shrink_for_fp32(config)
-    constexprs = dict(CAUSAL=True, MASK_KIND=mask_kind, MASK_ROW=False,
-                      HAS_WINDOW=mask_kind != 0, HEAD_DIM=block_d, INPUT_PRECISION="ieee",
+    extras = mask_kind != 0
+    constexprs = dict(CAUSAL=True, MASK_KIND=mask_kind, MASK_ROW=False, HAS_WINDOW=extras,
+                      DROPOUT=extras, VARLEN=extras, HEAD_DIM=block_d, INPUT_PRECISION="ieee",
                       BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d)
     src = ASTSource(fn=kernel, signature=signature(kernel, dtype, constexprs),
                     constexprs=constexprs)
