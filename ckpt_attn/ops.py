@@ -18,9 +18,9 @@ from .backends.chunked import compute_dtype
 from .validation import (
     check_cu_seqlens,
     check_dropout,
+    check_mask,
     check_qkv,
     check_window,
-    expand_mask,
     resolve_scale,
 )
 
@@ -51,17 +51,21 @@ def _attention_backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Te
                         mask: torch.Tensor | None, causal: bool, scale: float, window_left: int,
                         window_right: int, dropout_p: float, seed: int,
                         cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
-                        max_seqlen_q: int, max_seqlen_k: int, backend: str
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        max_seqlen_q: int, max_seqlen_k: int, mask_grad: bool, backend: str
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     packed = _packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return backends.backward(backend, do, dlse, q, k, v, o, lse, causal, scale, mask,
-                             (window_left, window_right), dropout_p, seed, packed)
+    dq, dk, dv, dmask = backends.backward(backend, do, dlse, q, k, v, o, lse, causal, scale,
+                                          mask, (window_left, window_right), dropout_p, seed,
+                                          packed, mask_grad)
+    # an op returns tensors only: an empty one stands for "no mask gradient"
+    return dq, dk, dv, q.new_empty(0) if dmask is None else dmask
 
 
 @_attention_backward.register_fake
 def _(do, dlse, q, k, v, o, lse, mask, causal, scale, window_left, window_right, dropout_p, seed,
-      cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+      cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask_grad, backend):
+    dmask = torch.empty_like(mask) if mask_grad else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
 
 
 def _packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> tuple | None:
@@ -75,8 +79,8 @@ def _setup_context(ctx, inputs, output):
     (q, k, v, mask, causal, scale, window_left, window_right, dropout_p, seed,
      cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, backend) = inputs
     o, lse = output
-    # Optional extras: the caller's mask (a broadcast view, never a copy), needed to
-    # recompute P, and the packed sequences' cumulative lengths.
+    # Optional extras: the caller's mask itself (never a copy or an expansion), needed
+    # to recompute P, and the packed sequences' cumulative lengths.
     extras = [t for t in (mask, cu_seqlens_q, cu_seqlens_k) if t is not None]
     ctx.has_mask, ctx.is_packed = mask is not None, cu_seqlens_q is not None
     ctx.save_for_backward(q, k, v, o, lse, *extras)
@@ -98,10 +102,11 @@ def _backward(ctx, do, dlse):
     elif do.stride(-1) != 1:
         # e.g. the expanded gradient of o.sum(): every stride 0
         do = do.contiguous()
-    dq, dk, dv = _attention_backward(do, dlse, q, k, v, o, lse, mask, ctx.causal, ctx.scale,
-                                     *ctx.window, *ctx.dropout, *cu_seqlens, *ctx.max_seqlens,
-                                     ctx.backend)
-    return dq, dk, dv, *([None] * 12)
+    mask_grad = ctx.has_mask and ctx.needs_input_grad[3]
+    dq, dk, dv, dmask = _attention_backward(
+        do, dlse, q, k, v, o, lse, mask, ctx.causal, ctx.scale, *ctx.window, *ctx.dropout,
+        *cu_seqlens, *ctx.max_seqlens, mask_grad, ctx.backend)
+    return dq, dk, dv, dmask if mask_grad else None, *([None] * 11)
 
 
 _attention_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -152,7 +157,7 @@ def _forward_flops(q, k, v, mask, causal, scale, window_left, window_right, drop
 @register_flop_formula(torch.ops.ckpt_attn.attention_backward, get_raw=True)
 def _backward_flops(do, dlse, q, k, v, o, lse, mask, causal, scale, window_left, window_right,
                     dropout_p, seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                    backend, out_val=None) -> int:
+                    mask_grad, backend, out_val=None) -> int:
     batch, heads, _, head_dim = q.shape
     pairs = _pairs(q, k, causal, (window_left, window_right), cu_seqlens_q, cu_seqlens_k,
                    max_seqlen_q, max_seqlen_k)
@@ -173,7 +178,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         attn_mask: broadcastable to (B, H_q, S_q, S_k). Boolean: True = may attend
             (SDPA's convention); a (B, 1, 1, S_k) key-padding mask costs one row per
             tile. Float, in q's dtype: added to the scores (a bias). Read tile by
-            tile, never copied or expanded; it must not require grad (yet).
+            tile, never copied or expanded. If a float mask requires grad, its
+            gradient (dS, summed over its broadcast dims) is computed too.
         dropout_p: attention dropout probability in [0, 1), applied whenever > 0
             (as SDPA), kept entries scaled by 1/(1 - dropout_p). The seed is drawn
             from torch's default generator, so torch.manual_seed reproduces it; the
@@ -201,13 +207,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     check_qkv(q, k, v)
     scale = resolve_scale(scale, q.shape[-1])
-    mask = expand_mask(attn_mask, q, k)
+    check_mask(attn_mask, q, k)
     window_left, window_right = check_window(window)
     dropout_p = check_dropout(dropout_p)
     seed = int(torch.randint(0, 2**31 - 1, ())) if dropout_p > 0 else 0
     resolved = backends.resolve_backend(backend, q)
-    o, lse = _attention_forward(q, k, v, mask, bool(causal), scale, window_left, window_right,
-                                dropout_p, seed, None, None, 0, 0, resolved)
+    o, lse = _attention_forward(q, k, v, attn_mask, bool(causal), scale, window_left,
+                                window_right, dropout_p, seed, None, None, 0, 0, resolved)
     return (o, lse) if return_lse else o
 
 

@@ -74,15 +74,11 @@ def resolve_scale(scale: float | None, head_dim: int) -> float:
     return float(scale)
 
 
-def expand_mask(attn_mask: torch.Tensor | None, q: torch.Tensor,
-                k: torch.Tensor) -> torch.Tensor | None:
-    """attn_mask as a (B, H_q, S_q, S_k) view (stride 0 on broadcast dims, no copy).
-
-    Boolean masks say which pairs may attend (True); float masks, in q's dtype,
-    are added to the scores.
-    """
+def check_mask(attn_mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> None:
+    """attn_mask must broadcast to (B, H_q, S_q, S_k) and be bool (True = may attend) or
+    q's float dtype (added to the scores)."""
     if attn_mask is None:
-        return None
+        return
     if not isinstance(attn_mask, torch.Tensor):
         raise TypeError(f"attn_mask must be a torch.Tensor or None, got "
                         f"{type(attn_mask).__name__}")
@@ -90,21 +86,18 @@ def expand_mask(attn_mask: torch.Tensor | None, q: torch.Tensor,
         raise TypeError(f"attn_mask must be bool or q's dtype ({q.dtype}), got {attn_mask.dtype}")
     if attn_mask.device != q.device:
         raise ValueError(f"attn_mask must be on q's device ({q.device}), got {attn_mask.device}")
-    if attn_mask.requires_grad:
-        raise NotImplementedError(
-            "attn_mask.requires_grad: gradients of an attention bias are not supported yet; "
-            "pass attn_mask.detach()"
-        )
     target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     if attn_mask.dim() > 4:
         raise ValueError(f"attn_mask must have at most 4 dims, got shape {tuple(attn_mask.shape)}")
     try:
-        return attn_mask[(None,) * (4 - attn_mask.dim())].expand(target)
+        broadcasts = torch.broadcast_shapes(attn_mask.shape, target) == target
     except RuntimeError:
+        broadcasts = False
+    if not broadcasts:
         raise ValueError(
             f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
             f"(batch, heads_q, seq_q, seq_k) = {target}"
-        ) from None
+        )
 
 
 def check_window(window) -> tuple[int, int]:

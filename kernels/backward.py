@@ -210,10 +210,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, MASK, CU_Q, CU_K, DK, DV, sm_scale,
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs,
                        stride_kn, stride_vn, offs_m, offs_n, offs_d, lo, hi, seqlen_q, seqlen_k,
                        qk_scale, mask_base, stride_mm, stride_mn, window_left, window_right,
-                       seed, rng_row_base, dropout_p,
+                       seed, rng_row_base, dropout_p, dbias_base, stride_dbm,
                        CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
-                       HAS_WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr,
-                       HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                       HAS_WINDOW: tl.constexpr, DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr,
+                       MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                        INPUT_PRECISION: tl.constexpr):
     d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
@@ -238,22 +238,31 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs,
                                 dropout_p)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
+        # -- the gradient of an additive mask is dS itself (S = scale * q k^T + mask) --
+        if BIAS_GRAD == 1:
+            tl.store(dbias_base + offs_m[:, None].to(tl.int64) * stride_dbm + cols[None, :], ds,
+                     mask=(offs_m[:, None] < seqlen_q) & (cols[None, :] < seqlen_k))
+        elif BIAS_GRAD == 2:  # mask broadcast over queries: this block's rows summed
+            ds_rows = tl.where(offs_m[:, None] < seqlen_q, ds, 0.0)
+            tl.store(dbias_base + cols, tl.sum(ds_rows, 0), mask=cols < seqlen_k)
         dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=INPUT_PRECISION)
     return dq
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, CU_Q, CU_K, DQ, sm_scale,
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, CU_Q, CU_K, DQ, DBIAS, sm_scale,
                  stride_qb, stride_qh, stride_qm,
                  stride_kb, stride_kh, stride_kn,
                  stride_vb, stride_vh, stride_vn,
                  stride_dob, stride_doh, stride_dom,
                  stride_mb, stride_mh, stride_mm, stride_mn,
                  stride_dqb, stride_dqh, stride_dqm,
+                 stride_dbb, stride_dbh, stride_dbm,
                  num_heads, group_size, seqlen_q, seqlen_k, lse_stride, window_left,
                  window_right, seed, dropout_p,
                  CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
                  HAS_WINDOW: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
+                 BIAS_GRAD: tl.constexpr,
                  HEAD_DIM: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
@@ -285,6 +294,10 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, CU_Q, CU_K, DQ, sm_scale,
 
     mask_base = MASK + off_b * stride_mb + off_h * stride_mh
     rng_row_base = off_bh.to(tl.int64) * seqlen_q
+    # BIAS_GRAD 1: dS tiles into a (B, H_q, S_q, S_k) buffer; 2: one row per query block
+    dbias_base = DBIAS + off_b * stride_dbb + off_h * stride_dbh
+    if BIAS_GRAD == 2:
+        dbias_base += tl.program_id(0).to(tl.int64) * stride_dbm
     if MASK_KIND != 0 or HAS_WINDOW:
         # -- key range as in the forward, every tile masked --
         lo, hi = key_range(start_m, seqlen_k_loop, window_left, window_right,
@@ -293,8 +306,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, CU_Q, CU_K, DQ, sm_scale,
             dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn,
             offs_m, offs_n, offs_d, lo, hi, seqlen_q, seqlen_k, qk_scale, mask_base,
             stride_mm, stride_mn, window_left, window_right, seed, rng_row_base, dropout_p,
-            CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, True, HEAD_DIM, BLOCK_N,
-            INPUT_PRECISION)
+            dbias_base, stride_dbm, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, BIAS_GRAD,
+            True, HEAD_DIM, BLOCK_N, INPUT_PRECISION)
     else:
         # -- key range, as in the forward: [0, full) unmasked, [full, hi) masked --
         full = (seqlen_k_loop // BLOCK_N) * BLOCK_N
@@ -306,14 +319,14 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, CU_Q, CU_K, DQ, sm_scale,
             dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn,
             offs_m, offs_n, offs_d, 0, full, seqlen_q, seqlen_k, qk_scale, mask_base,
             stride_mm, stride_mn, window_left, window_right, seed, rng_row_base, dropout_p,
-            CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, False, HEAD_DIM, BLOCK_N,
-            INPUT_PRECISION)
+            dbias_base, stride_dbm, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, BIAS_GRAD,
+            False, HEAD_DIM, BLOCK_N, INPUT_PRECISION)
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn,
             offs_m, offs_n, offs_d, full, hi, seqlen_q, seqlen_k, qk_scale, mask_base,
             stride_mm, stride_mn, window_left, window_right, seed, rng_row_base, dropout_p,
-            CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, True, HEAD_DIM, BLOCK_N,
-            INPUT_PRECISION)
+            dbias_base, stride_dbm, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, BIAS_GRAD,
+            True, HEAD_DIM, BLOCK_N, INPUT_PRECISION)
 
     dq *= sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + row0 * stride_dqm
@@ -324,14 +337,16 @@ def attention_backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Ten
                        k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
                        causal: bool, scale: float, mask: torch.Tensor | None = None,
                        window: tuple[int, int] = (-1, -1), dropout_p: float = 0.0, seed: int = 0,
-                       packed: tuple | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       packed: tuple | None = None, mask_grad_shape: tuple | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients (dq, dk, dv) of the attention forward, recomputing P from lse.
 
     `do` must have stride(-1) == 1; `dlse`, if given, is the gradient of the
     returned logsumexp, shape (B, H_q, S_q); `mask`, `window`, `dropout_p` and
     `seed` as in the forward, whose dropout mask is regenerated, not stored;
-    `packed` as in the forward.
+    `packed` as in the forward. With `mask_grad_shape` (a float mask's shape, left
+    padded to 4-D), also returns the mask's gradient: dS summed down to that
+    shape; otherwise None.
     """
     batch, heads_q, seqlen_q, head_dim = q.shape
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
@@ -370,12 +385,30 @@ def attention_backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Ten
          heads_kv, group, seqlen_q, seqlen_k, seqlen_q, *window, seed, dropout_p),
         constexprs, key_major=True, block_d=block_d, element_size=q.element_size(),
     )
+    dbias, bias_grad = _mask_grad_buffer(mask_grad_shape, q, k)
     launch(
         _attn_bwd_dq,
         lambda cfg: (triton.cdiv(programs_q, cfg.block_m), batch * heads_q, sequences),
-        (q, k, v, do, lse, delta, mask_ptr, cu_q, cu_k, dq, scale, *strides_in,
+        (q, k, v, do, lse, delta, mask_ptr, cu_q, cu_k, dq, dbias, scale, *strides_in,
          dq.stride(0), dq.stride(1), dq.stride(2),
+         dbias.stride(0), dbias.stride(1), dbias.stride(2),
          heads_q, group, seqlen_q, seqlen_k, seqlen_q, *window, seed, dropout_p),
-        constexprs, key_major=False, block_d=block_d, element_size=q.element_size(),
+        {**constexprs, "BIAS_GRAD": bias_grad}, key_major=False, block_d=block_d,
+        element_size=q.element_size(),
     )
-    return dq, dk, dv
+    if not bias_grad:
+        return dq, dk, dv, None
+    return dq, dk, dv, dbias.sum_to_size(mask_grad_shape)
+
+
+def _mask_grad_buffer(shape: tuple | None, q: torch.Tensor,
+                      k: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(fp32 buffer, BIAS_GRAD) for the dQ kernel's dS: (B, H_q, S_q, S_k), or one row per
+    query block (blocks have at least 16 rows) when the mask is broadcast over queries."""
+    if shape is None:
+        return q, 0
+    mode = 2 if shape[2] == 1 else 1
+    rows = triton.cdiv(q.shape[2], 16) if mode == 2 else q.shape[2]
+    buffer = torch.zeros(q.shape[0], q.shape[1], rows, k.shape[2], device=q.device,
+                         dtype=torch.float32)
+    return buffer, mode

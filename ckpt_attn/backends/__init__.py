@@ -66,7 +66,7 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
 def forward(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
             scale: float, mask: torch.Tensor | None, window: tuple[int, int], dropout_p: float,
             seed: int, packed: tuple | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o, lse) from the resolved backend; mask is None or a (B, H_q, S_q, S_k) view;
+    """(o, lse) from the resolved backend; mask is None or broadcasts to (B, H_q, S_q, S_k);
     packed is None or (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)."""
     if q.numel() == 0 or k.shape[2] == 0:
         # No queries, or no keys to attend to: O = 0 and lse = -inf.
@@ -74,20 +74,36 @@ def forward(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cau
                          dtype=chunked.compute_dtype(q.dtype))
         return torch.zeros_like(q), lse
     impl = _kernels() if backend == "triton" else chunked
-    return impl.attention_forward(q, k, v, causal, scale, mask, window, dropout_p, seed, packed)
+    return impl.attention_forward(q, k, v, causal, scale, _as_4d(mask, q, k), window, dropout_p,
+                                  seed, packed)
 
 
 def backward(backend: str, do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor,
              k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, causal: bool,
              scale: float, mask: torch.Tensor | None, window: tuple[int, int],
-             dropout_p: float, seed: int, packed: tuple | None
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) from the resolved backend."""
+             dropout_p: float, seed: int, packed: tuple | None, mask_grad: bool
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(dq, dk, dv, dmask) from the resolved backend; dmask, the gradient of a float
+    mask in the mask's own shape, is None unless mask_grad."""
+    grad_shape = (1,) * (4 - mask.dim()) + tuple(mask.shape) if mask_grad else None
     if q.numel() == 0 or k.numel() == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        dmask = torch.zeros_like(mask) if mask_grad else None
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dmask
     impl = _kernels() if backend == "triton" else chunked
-    return impl.attention_backward(do, dlse, q, k, v, o, lse, causal, scale, mask, window,
-                                   dropout_p, seed, packed)
+    dq, dk, dv, dmask = impl.attention_backward(
+        do, dlse, q, k, v, o, lse, causal, scale, _as_4d(mask, q, k), window, dropout_p, seed,
+        packed, grad_shape)
+    if dmask is not None:
+        dmask = dmask.view(mask.shape).to(mask.dtype)
+    return dq, dk, dv, dmask
+
+
+def _as_4d(mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """A validated mask as a (B, H_q, S_q, S_k) view: stride 0 where it broadcasts, no copy."""
+    if mask is None:
+        return None
+    target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    return mask[(None,) * (4 - mask.dim())].expand(target)
 
 
 def _kernels():

@@ -150,17 +150,21 @@ def attention_backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Ten
                        k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
                        causal: bool, scale: float, mask: torch.Tensor | None = None,
                        window: tuple[int, int] = (-1, -1), dropout_p: float = 0.0, seed: int = 0,
-                       packed: tuple | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dq, dk, dv), recomputing P (and the dropout mask) chunk by chunk."""
+                       packed: tuple | None = None, mask_grad_shape: tuple | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gradients (dq, dk, dv, dmask), recomputing P (and the dropout mask) chunk by chunk.
+
+    dmask, the gradient of a float mask (dS, summed down to `mask_grad_shape`, the
+    mask's shape left-padded to 4-D), is None unless that shape is given.
+    """
     if packed is not None:
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for s, rows, keys in _sequences(packed):
-            dq[:, :, rows], dk[:, :, keys], dv[:, :, keys] = attention_backward(
+            dq[:, :, rows], dk[:, :, keys], dv[:, :, keys], _ = attention_backward(
                 do[:, :, rows], None if dlse is None else dlse[:, :, rows], q[:, :, rows],
                 k[:, :, keys], v[:, :, keys], o[:, :, rows], lse[:, :, rows], causal, scale,
                 None, window, dropout_p, seed + s)
-        return dq, dk, dv
+        return dq, dk, dv, None
     group = q.shape[1] // k.shape[1]
     dtype = compute_dtype(q.dtype)
     shape = (*q.shape[:3], k.shape[2])
@@ -168,6 +172,9 @@ def attention_backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Ten
     dq = torch.empty_like(q)
     dk = torch.zeros(k.shape, device=k.device, dtype=dtype)
     dv = torch.zeros(v.shape, device=v.device, dtype=dtype)
+    dmask = None
+    if mask_grad_shape is not None:
+        dmask = torch.zeros(mask_grad_shape, device=q.device, dtype=dtype)
     for start in range(0, q.shape[2], CHUNK):
         stop = min(start + CHUNK, q.shape[2])
         q_g = _grouped(q[:, :, start:stop].to(dtype), group)
@@ -188,7 +195,19 @@ def attention_backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Ten
             dp = torch.where(keep, dp / (1 - dropout_p), 0.0)
         dv[:, :, keys] += torch.matmul(z.transpose(-1, -2), do_g)
         ds = p * (dp - delta_g)
+        if dmask is not None:
+            _accumulate_mask_grad(dmask, _ungrouped(ds, group), start, stop, keys)
         dq[:, :, start:stop] = _ungrouped(torch.matmul(ds, k_c[:, :, keys]) * scale,
                                           group).to(q.dtype)
         dk[:, :, keys] += torch.matmul(ds.transpose(-1, -2), q_g) * scale
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+    return dq, dk.to(k.dtype), dv.to(v.dtype), dmask
+
+
+def _accumulate_mask_grad(dmask: torch.Tensor, ds: torch.Tensor, start: int, stop: int,
+                          keys: slice) -> None:
+    """Add one chunk's dS, (B, H_q, rows, len(keys)), into dmask summed over the dims where
+    the mask broadcasts (size 1): S = scale * q k^T + mask, so dmask = dS."""
+    rows = slice(start, stop) if dmask.shape[2] != 1 else slice(0, 1)
+    cols = keys if dmask.shape[3] != 1 else slice(0, 1)
+    target = (dmask.shape[0], dmask.shape[1], rows.stop - rows.start, cols.stop - cols.start)
+    dmask[:, :, rows, cols] += ds.sum_to_size(target)
