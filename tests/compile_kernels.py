@@ -24,7 +24,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 # Usable shared memory per block (opt-in maximum), bytes.
 SHARED_LIMIT = {80: 166912, 90: 232448}
-FP32_POINTERS = {"LSE", "DELTA", "DLSE"}
+FP32_POINTERS = {"LSE", "DELTA", "DLSE", "DBIAS"}
 INT32_POINTERS = {"CU_Q", "CU_K"}
 FP32_SCALARS = {"sm_scale", "dropout_p"}
 
@@ -56,7 +56,6 @@ def signature(kernel, dtype: str, constexprs: dict) -> dict:
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
-    assert set(constexprs) == {n for n, t in sig.items() if t == "constexpr"}, constexprs
     return sig
 
 
@@ -64,7 +63,9 @@ def compile_one(name: str, block_d: int, dtype: str, arch: int, mask_kind: int =
     """Compile one kernel with its first table candidate; return its resource use.
 
     mask_kind 0 compiles the plain causal kernel; 1 (bool) and 2 (float) add an
-    attn_mask tile, a sliding window, dropout and packed sequences.
+    attn_mask tile, a sliding window, dropout and packed sequences, and the dQ
+    kernel's two mask-gradient paths (1: one summed row per query block, 2: full
+    dS tiles), to compile the code each takes.
     """
     kernel, key_major = KERNELS[name]
     table = launch_config._KEY_MAJOR if key_major else launch_config._QUERY_MAJOR
@@ -73,9 +74,11 @@ def compile_one(name: str, block_d: int, dtype: str, arch: int, mask_kind: int =
     if element_size > 2:
         config = launch_config._shrink_for_fp32(config)
     extras = mask_kind != 0
-    constexprs = dict(CAUSAL=True, MASK_KIND=mask_kind, MASK_ROW=False, HAS_WINDOW=extras,
-                      DROPOUT=extras, VARLEN=extras, HEAD_DIM=block_d, INPUT_PRECISION="ieee",
-                      BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d)
+    values = dict(CAUSAL=True, MASK_KIND=mask_kind, MASK_ROW=False, HAS_WINDOW=extras,
+                  DROPOUT=extras, VARLEN=extras, BIAS_GRAD=(0, 2, 1)[mask_kind],
+                  HEAD_DIM=block_d, INPUT_PRECISION="ieee",
+                  BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d)
+    constexprs = {p.name: values[p.name] for p in kernel.params if p.is_constexpr}
     src = ASTSource(fn=kernel, signature=signature(kernel, dtype, constexprs),
                     constexprs=constexprs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
