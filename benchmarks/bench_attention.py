@@ -5,8 +5,13 @@ Run as ``python -m benchmarks.bench_attention [--quick] [--out DIR]``.
 With CUDA: forward and forward+backward TFLOP/s of ckpt_attn (backend="triton")
 against SDPA restricted to each of its backends (FLASH_ATTENTION,
 EFFICIENT_ATTENTION, CUDNN_ATTENTION, MATH) on FlashAttention-2's grid: B * S =
-16384 tokens and H * D = 2048, S from 512 to 16384. FLOPs follow FlashAttention-2's
-convention (4*B*H*S*S*D forward, halved when causal, backward = 2.5x forward);
+16384 tokens and H * D = 2048, S from 512 to 16384, full and causal attention.
+Two masked variants run at bf16, D=128, S from 2048 to 16384: "padded" (a
+boolean key-padding mask, batch b keeping the first S - (b % 4) * S // 8 keys)
+and "window" (causal sliding window of 256 keys; SDPA gets the equivalent S x S
+boolean mask). FLOPs follow FlashAttention-2's convention (4*B*H*D per computed
+(query, key) pair forward, backward = 2.5x forward), counting all S*S pairs for
+full and padded attention and only the visible pairs for causal and window;
 times are triton.testing.do_bench medians, with L2 flushed before every call.
 Also the peak memory of forward+backward, ckpt_attn against naive attention.
 
@@ -43,33 +48,82 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import ckpt_attn
+from ckpt_attn.ops import visible_pairs
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 MODES = ("fwd", "fwd_bwd")
 MIB = 2**20
+# Masking of the attention compared: none, causal, a boolean key-padding mask, or a
+# causal sliding window (see variant_mask).
+VARIANTS = ("full", "causal", "padded", "window")
+MASKED_VARIANTS = ("padded", "window")  # the ones where SDPA and naive get a boolean mask
+WINDOW_KEYS = 256  # keys a query sees in the "window" variant, itself included
+WINDOW = (WINDOW_KEYS - 1, 0)  # ckpt_attn's window=(left, right), with causal=True
 
 # ------------------------------------------------------------------ shared pieces
 
 
-def attention_flops(batch: int, heads: int, seqlen: int, head_dim: int, causal: bool,
+def causal_variant(causal: bool) -> str:
+    """The variant of plain attention, causal or not (the CPU path's masking axis)."""
+    return "causal" if causal else "full"
+
+
+def variant_mask(variant: str, batch: int, seqlen: int, device: str) -> torch.Tensor | None:
+    """The boolean attn_mask (True = may attend) that SDPA and naive get, None if unmasked.
+
+    "padded": (B, 1, 1, S), batch b keeps its first S - (b % 4) * S // 8 keys
+    (0 to 37.5% padding); ckpt_attn gets the same mask. "window": (S, S), query i
+    sees keys i - 255 .. i (tril & band), what ckpt_attn computes with causal=True,
+    window=(255, 0) and no mask. "full" and "causal": None.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if variant == "padded":
+        kept = seqlen - (torch.arange(batch, device=device) % 4) * seqlen // 8
+        keys = torch.arange(seqlen, device=device)
+        return (keys < kept[:, None]).view(batch, 1, 1, seqlen)
+    if variant == "window":
+        ones = torch.ones(seqlen, seqlen, dtype=torch.bool, device=device)
+        return ones.tril() & ones.triu(-WINDOW[0])
+    return None
+
+
+def attention_flops(batch: int, heads: int, seqlen: int, head_dim: int, variant: str,
                     mode: str) -> float:
     """FLOPs of one call by FlashAttention-2's convention.
 
-    4*B*H*S*S*D for the forward (two matmuls), halved when causal; the backward
-    counts 2.5x the forward, so mode "fwd_bwd" is 3.5x the forward.
+    4*B*H*D per (query, key) pair for the forward (two matmuls); the backward
+    counts 2.5x the forward, so mode "fwd_bwd" is 3.5x the forward. "full" and
+    "padded" count all S*S pairs (the kernels compute the padded ones too);
+    "causal" and "window" only the visible ones (ckpt_attn.ops.visible_pairs), so
+    causal is FlashAttention-2's halving counted up to the diagonal and a window's
+    TFLOP/s counts useful work only.
     """
-    forward = 4.0 * batch * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if variant == "causal":
+        pairs = visible_pairs(seqlen, seqlen, True)
+    elif variant == "window":
+        pairs = visible_pairs(seqlen, seqlen, True, WINDOW)
+    else:
+        pairs = seqlen * seqlen
+    forward = 4.0 * batch * heads * pairs * head_dim
     return forward * (3.5 if mode == "fwd_bwd" else 1.0)
 
 
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    causal: bool = False) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D)) v in plain torch ops and q's dtype; it stores S x S matrices."""
+                    causal: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v in plain torch ops and q's dtype; it stores S x S matrices.
+
+    mask: None or boolean, broadcastable to the scores, True = may attend.
+    """
     scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
     if causal:
         hidden = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).triu(1)
         scores = scores.masked_fill(hidden, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
     return torch.matmul(torch.softmax(scores, dim=-1), v)
 
 
@@ -83,17 +137,31 @@ def random_qkv(batch: int, heads: int, seqlen: int, head_dim: int, dtype: torch.
     )
 
 
-def implementations(causal: bool, device: str) -> dict[str, Callable]:
+def implementations(variant: str, device: str,
+                    mask: torch.Tensor | None = None) -> dict[str, Callable]:
     """The attention functions compared, name -> f(q, k, v) -> O.
 
     ckpt_attn runs its Triton backend on CUDA and its torch backend on the CPU;
     "sdpa" is SDPA with whichever backend torch picks (or is restricted to).
+    mask is variant_mask(variant, ...) for the problem: None for "full" and
+    "causal", required for "padded" (every implementation gets it as attn_mask)
+    and "window" (SDPA and naive get it; ckpt_attn runs causal=True, window=(255, 0)).
     """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if (mask is not None) != (variant in MASKED_VARIANTS):
+        raise ValueError(f"variant {variant!r} takes "
+                         f"{'a mask' if variant in MASKED_VARIANTS else 'no mask'}")
     backend = "triton" if torch.device(device).type == "cuda" else "torch"
+    causal = variant in ("causal", "window")
+    ours = {"attn_mask": mask if variant == "padded" else None, "causal": causal,
+            "window": WINDOW if variant == "window" else None, "backend": backend}
+    sdpa_causal = variant == "causal"  # SDPA refuses attn_mask together with is_causal
     return {
-        "ckpt_attn": lambda q, k, v: ckpt_attn.attention(q, k, v, causal=causal, backend=backend),
-        "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
-        "naive": lambda q, k, v: naive_attention(q, k, v, causal),
+        "ckpt_attn": lambda q, k, v: ckpt_attn.attention(q, k, v, **ours),
+        "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                               is_causal=sdpa_causal),
+        "naive": lambda q, k, v: naive_attention(q, k, v, sdpa_causal, mask),
     }
 
 
@@ -230,7 +298,7 @@ def cpu_timings(seqlens: Sequence[int], *, batch: int, heads: int, head_dim: int
     for seqlen in seqlens:
         q, k, v = random_qkv(batch, heads, seqlen, head_dim, torch.float32, "cpu")
         for causal in (False, True):
-            impls = implementations(causal, "cpu")
+            impls = implementations(causal_variant(causal), "cpu")
             for mode in MODES:
                 steps = [timed_step(impls[name], q, k, v, mode) for name in ("ckpt_attn", "sdpa")]
                 (ours, sdpa), rounds = interleaved_medians(steps, budget_s)
@@ -263,7 +331,8 @@ def saved_bytes_table(seqlens: Sequence[int], *, batch: int, heads: int, head_di
         softmax = batch * heads * seqlen * seqlen * q.element_size()
         for causal in (False, True):
             counted = {name: saved_bytes(fn, q, k, v)
-                       for name, fn in implementations(causal, device).items()}
+                       for name, fn in implementations(causal_variant(causal),
+                                                       device).items()}
             rows.append(SavedBytes(seqlen, causal, counted["ckpt_attn"], counted["sdpa"],
                                    counted["naive"], formula_bytes(q), softmax))
     return rows
@@ -295,8 +364,9 @@ def flop_count_table(seqlen: int, *, batch: int, heads: int, head_dim: int) -> l
     rows = []
     for causal in (False, True):
         counted = {name: counted_flops(fn, q, k, v)
-                   for name, fn in implementations(causal, "cpu").items()}
-        convention = attention_flops(batch, heads, seqlen, head_dim, causal, "fwd_bwd")
+                   for name, fn in implementations(causal_variant(causal), "cpu").items()}
+        convention = attention_flops(batch, heads, seqlen, head_dim, causal_variant(causal),
+                                     "fwd_bwd")
         rows.append(FlopCount(causal, convention, counted["ckpt_attn"], counted["sdpa"],
                               counted["naive"]))
     return rows
@@ -349,9 +419,9 @@ def cpu_report(sizes: CpuSizes, timings: list[CpuTiming], saved: list[SavedBytes
         "",
         f"## FLOPs counted by FlopCounterMode, forward + backward (S={sizes.flop_seqlen}, {shape})",
         "",
-        "convention: FlashAttention-2's count (backward = 2.5x forward). ckpt_attn "
-        "registers flop formulas for its custom ops (the same convention, with the causal "
-        "pairs counted exactly); FlopCounterMode has no formula for SDPA's CPU kernel; "
+        "convention: FlashAttention-2's count (backward = 2.5x forward), causal counting "
+        "the S(S+1)/2 pairs up to the diagonal. ckpt_attn registers flop formulas for its "
+        "custom ops (the same count); FlopCounterMode has no formula for SDPA's CPU kernel; "
         "naive's matmuls are counted in full even when causal, and its backward is 2x its "
         "forward since it recomputes nothing.",
         "",
@@ -389,9 +459,12 @@ STYLES = [("red", "-"), ("blue", "-"), ("green", "-"), ("orange", "-"), ("gray",
 TOKENS = 16384  # B * S, as in FlashAttention-2's benchmark
 MODEL_DIM = 2048  # H * D
 MATH_MAX_SEQLEN = 4096  # SDPA's math backend stores S x S matrices: skipped above this
-GPU_SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
+GPU_SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)  # full and causal
 QUICK_GPU_SEQLENS = (1024, 4096, 16384)
-MEMORY_PROBLEM = {"seqlen": 4096, "head_dim": 128, "dtype": "bf16", "causal": False}
+MASKED_SEQLENS = (2048, 4096, 8192, 16384)  # padded and window, bf16 and D=128 only
+QUICK_MASKED_SEQLENS = (4096, 16384)
+MASKED_PROBLEM = {"dtype": "bf16", "head_dim": 128}
+MEMORY_PROBLEM = {"seqlen": 4096, "head_dim": 128, "dtype": "bf16", "variant": "full"}
 
 
 def gpu_shape(seqlen: int, head_dim: int) -> tuple[int, int]:
@@ -399,38 +472,50 @@ def gpu_shape(seqlen: int, head_dim: int) -> tuple[int, int]:
     return TOKENS // seqlen, MODEL_DIM // head_dim
 
 
-def config_name(mode: str, dtype: str, head_dim: int, causal: bool) -> str:
-    """Name of one benchmark (one plot): pass, dtype, head dim, masking."""
-    return f"attention-{mode}-{dtype}-d{head_dim}-{'causal' if causal else 'full'}"
+def config_name(mode: str, dtype: str, head_dim: int, variant: str) -> str:
+    """Name of one benchmark (one plot): pass, dtype, head dim, masking variant."""
+    return f"attention-{mode}-{dtype}-d{head_dim}-{variant}"
+
+
+def gpu_problems(quick: bool) -> list[tuple[str, int, str, tuple[int, ...]]]:
+    """(dtype, D, variant, sequence lengths) of each benchmarked problem family.
+
+    Full and causal over the whole grid; padded and window at bf16, D=128 only.
+    """
+    dtypes = ("bf16",) if quick else ("bf16", "fp16")
+    seqlens = QUICK_GPU_SEQLENS if quick else GPU_SEQLENS
+    masked_seqlens = QUICK_MASKED_SEQLENS if quick else MASKED_SEQLENS
+    problems = [(dtype, head_dim, variant, seqlens)
+                for dtype in dtypes for head_dim in (128, 64) for variant in ("full", "causal")]
+    problems += [(MASKED_PROBLEM["dtype"], MASKED_PROBLEM["head_dim"], variant, masked_seqlens)
+                 for variant in MASKED_VARIANTS]
+    return problems
 
 
 def gpu_benchmarks(quick: bool) -> list:
-    """The triton.testing.Benchmark grid: one per (pass, dtype, D, causal), S on the x axis."""
+    """The triton.testing.Benchmark grid: one per (pass, dtype, D, variant), S on the x axis."""
     import triton.testing
 
-    dtypes = ("bf16",) if quick else ("bf16", "fp16")
-    seqlens = QUICK_GPU_SEQLENS if quick else GPU_SEQLENS
     return [
         triton.testing.Benchmark(
             x_names=["seqlen"], x_vals=list(seqlens), line_arg="provider",
             line_vals=list(PROVIDERS), line_names=list(PROVIDERS), styles=STYLES,
             xlabel="sequence length (B * S = 16384, H * D = 2048)", ylabel="TFLOP/s",
-            x_log=True, plot_name=config_name(mode, dtype, head_dim, causal),
-            args={"mode": mode, "dtype": dtype, "head_dim": head_dim, "causal": causal},
+            x_log=True, plot_name=config_name(mode, dtype, head_dim, variant),
+            args={"mode": mode, "dtype": dtype, "head_dim": head_dim, "variant": variant},
         )
-        for dtype in dtypes
-        for head_dim in (128, 64)
-        for causal in (False, True)
+        for dtype, head_dim, variant, seqlens in gpu_problems(quick)
         for mode in MODES
     ]
 
 
-def gpu_time_ms(provider: str, mode: str, dtype: str, head_dim: int, causal: bool,
+def gpu_time_ms(provider: str, mode: str, dtype: str, head_dim: int, variant: str,
                 seqlen: int) -> tuple[list[float] | None, str]:
     """([median, 20th, 80th percentile] ms, "") of one problem, or (None, why it did not run).
 
     SDPA providers run with SDPA restricted to their one backend; a backend
-    that cannot take the problem (it raises) or runs out of memory is skipped.
+    that cannot take the problem (it raises: flash takes no attn_mask, so no
+    padded or window point) or runs out of memory is skipped.
     """
     import triton.testing
 
@@ -438,7 +523,7 @@ def gpu_time_ms(provider: str, mode: str, dtype: str, head_dim: int, causal: boo
         return None, f"skipped above S={MATH_MAX_SEQLEN} (stores S x S)"
     batch, heads = gpu_shape(seqlen, head_dim)
     q, k, v = random_qkv(batch, heads, seqlen, head_dim, DTYPES[dtype], "cuda")
-    impls = implementations(causal, "cuda")
+    impls = implementations(variant, "cuda", variant_mask(variant, batch, seqlen, "cuda"))
     if provider == "ckpt_attn":
         attn, restrict = impls["ckpt_attn"], contextlib.nullcontext()
     else:
@@ -461,7 +546,7 @@ class GpuResult:
     mode: str
     dtype: str
     head_dim: int
-    causal: bool
+    variant: str
     seqlen: int
     batch: int
     heads: int
@@ -486,18 +571,18 @@ def run_gpu_throughput(out_dir: Path, benchmarks: list) -> list[GpuResult]:
         writer.writerow([f.name for f in fields(GpuResult)])
 
         @triton.testing.perf_report(benchmarks)
-        def attention_tflops(seqlen, provider, mode, dtype, head_dim, causal):
+        def attention_tflops(seqlen, provider, mode, dtype, head_dim, variant):
             """TFLOP/s at the median, 80th- and 20th-percentile times (NaN when skipped)."""
-            times, note = gpu_time_ms(provider, mode, dtype, head_dim, causal, seqlen)
+            times, note = gpu_time_ms(provider, mode, dtype, head_dim, variant, seqlen)
             batch, heads = gpu_shape(seqlen, head_dim)
-            flops = attention_flops(batch, heads, seqlen, head_dim, causal, mode)
+            flops = attention_flops(batch, heads, seqlen, head_dim, variant, mode)
             tflops = [flops / ms / 1e9 for ms in times] if times else [math.nan] * 3
-            result = GpuResult(mode, dtype, head_dim, causal, seqlen, batch, heads, provider,
+            result = GpuResult(mode, dtype, head_dim, variant, seqlen, batch, heads, provider,
                                times[0] if times else math.nan, tflops[0], note)
             results.append(result)
             writer.writerow(astuple(result))
             handle.flush()
-            print(f"  {config_name(mode, dtype, head_dim, causal)} S={seqlen:5d} "
+            print(f"  {config_name(mode, dtype, head_dim, variant)} S={seqlen:5d} "
                   f"{provider:15s} {tflops[0]:7.1f} TFLOP/s {note}", flush=True)
             return tflops[0], tflops[2], tflops[1]
 
@@ -516,14 +601,28 @@ def _tflops_cell(result: GpuResult) -> str:
     return f"{result.tflops:.1f}" if result.note == "" else "-"
 
 
+VARIANTS_TEXT = (
+    "Variants: full; causal; padded = a boolean key-padding mask of shape (B, 1, 1, S), "
+    "batch b keeping its first S - (b % 4) * S // 8 keys (0 to 37.5% padding; at S=16384 "
+    "B=1, so nothing is padded), given to ckpt_attn and SDPA as attn_mask; window = causal "
+    f"sliding window of {WINDOW_KEYS} keys, ckpt_attn with causal=True, window={WINDOW}, "
+    "SDPA with the equivalent boolean S x S attn_mask (its flash backend takes no mask). "
+    "FLOPs: full and padded count all S*S pairs (the kernels compute the padded ones "
+    "too); causal and window count only the visible pairs (ckpt_attn.ops.visible_pairs), "
+    "so window TFLOP/s is useful work only, although SDPA's masked backends compute all "
+    "S*S pairs."
+)
+
+
 def throughput_report(results: list[GpuResult]) -> str:
-    """gpu_throughput.md: one TFLOP/s table per (pass, dtype, D, causal), S down the rows."""
+    """gpu_throughput.md: one TFLOP/s table per (pass, dtype, D, variant), S down the rows."""
     sections = ["# Attention TFLOP/s", "", environment(), "",
                 "FlashAttention-2's FLOP convention; median of triton.testing.do_bench. "
-                "B * S = 16384, H * D = 2048. '-': did not run (notes below each table).", ""]
+                "B * S = 16384, H * D = 2048. '-': did not run (notes below each table).", "",
+                VARIANTS_TEXT, ""]
     by_config: dict[str, dict[int, dict[str, GpuResult]]] = {}
     for r in results:
-        name = config_name(r.mode, r.dtype, r.head_dim, r.causal)
+        name = config_name(r.mode, r.dtype, r.head_dim, r.variant)
         by_config.setdefault(name, {}).setdefault(r.seqlen, {})[r.provider] = r
     for name, by_seqlen in by_config.items():
         rows = [(seqlen, *(_tflops_cell(row[p]) for p in PROVIDERS))
@@ -538,7 +637,7 @@ def summary_rows(results: list[GpuResult]) -> list[tuple]:
     """(config, S, ckpt_attn TFLOP/s, best SDPA TFLOP/s and backend, ratio) per problem."""
     problems: dict[tuple, dict[str, GpuResult]] = {}
     for r in results:
-        key = (config_name(r.mode, r.dtype, r.head_dim, r.causal), r.seqlen)
+        key = (config_name(r.mode, r.dtype, r.head_dim, r.variant), r.seqlen)
         problems.setdefault(key, {})[r.provider] = r
     rows = []
     for (name, seqlen), by_provider in problems.items():
@@ -560,12 +659,13 @@ class PeakMemory:
     saved_bytes: int
 
 
-def gpu_peak_memory(seqlen: int, head_dim: int, dtype: str, causal: bool) -> list[PeakMemory]:
+def gpu_peak_memory(seqlen: int, head_dim: int, dtype: str, variant: str) -> list[PeakMemory]:
     """torch.cuda.max_memory_allocated of forward+backward for ckpt_attn, SDPA and naive."""
     batch, heads = gpu_shape(seqlen, head_dim)
     q, k, v = random_qkv(batch, heads, seqlen, head_dim, DTYPES[dtype], "cuda")
+    mask = variant_mask(variant, batch, seqlen, "cuda")
     rows = []
-    for name, attn in implementations(causal, "cuda").items():
+    for name, attn in implementations(variant, "cuda", mask).items():
         step = timed_step(attn, q, k, v, "fwd_bwd")
         step()  # compiles the kernels once, outside the measurement
         torch.cuda.synchronize()
@@ -590,7 +690,7 @@ def memory_report(rows: list[PeakMemory]) -> str:
     )
     return "\n".join([
         f"## Peak memory, B={batch} H={heads} S={p['seqlen']} D={p['head_dim']} {p['dtype']} "
-        f"causal={p['causal']}",
+        f"{p['variant']}",
         "",
         "torch.cuda.max_memory_allocated during forward + backward (gradients included), "
         "minus what was allocated before (inputs, output gradient). sdpa: the backend torch "
@@ -613,6 +713,8 @@ def run_gpu(out_dir: Path, quick: bool) -> str:
         "SDPA is the fastest of its backends that ran; ratio = ckpt_attn / best SDPA. "
         "Every backend per point: gpu_throughput.md.",
         "",
+        VARIANTS_TEXT,
+        "",
         markdown_table(("config", "S", "ckpt_attn TFLOP/s", "best SDPA TFLOP/s", "ratio"),
                        summary_rows(results)),
         "",
@@ -631,7 +733,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Parse the arguments, run the CUDA or else the CPU benchmarks, write the results."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="a reduced grid (CUDA: S 1024/4096/16384, bf16 only)")
+                        help="a reduced grid (CUDA: bf16 only, S 1024/4096/16384; padded "
+                             "and window at S 4096/16384)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help=f"results directory (default {DEFAULT_OUT})")
     args = parser.parse_args(argv)
