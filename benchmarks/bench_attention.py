@@ -7,7 +7,7 @@ against SDPA restricted to each of its backends (FLASH_ATTENTION,
 EFFICIENT_ATTENTION, CUDNN_ATTENTION, MATH) on FlashAttention-2's grid: B * S =
 16384 tokens and H * D = 2048, S from 512 to 16384, full and causal attention.
 Two masked variants run at bf16, D=128, S from 2048 to 16384: "padded" (a
-boolean key-padding mask, batch b keeping the first S - (b % 4) * S // 8 keys)
+boolean key-padding mask, batch b keeping the first S - (b % 4 + 1) * S // 8 keys)
 and "window" (causal sliding window of 256 keys; SDPA gets the equivalent S x S
 boolean mask). FLOPs follow FlashAttention-2's convention (4*B*H*D per computed
 (query, key) pair forward, backward = 2.5x forward), counting all S*S pairs for
@@ -72,7 +72,7 @@ def causal_variant(causal: bool) -> str:
 def variant_mask(variant: str, batch: int, seqlen: int, device: str) -> torch.Tensor | None:
     """The boolean attn_mask (True = may attend) that SDPA and naive get, None if unmasked.
 
-    "padded": (B, 1, 1, S), batch b keeps its first S - (b % 4) * S // 8 keys
+    "padded": (B, 1, 1, S), batch b keeps its first S - (b % 4 + 1) * S // 8 keys
     (0 to 37.5% padding); ckpt_attn gets the same mask. "window": (S, S), query i
     sees keys i - 255 .. i (tril & band), what ckpt_attn computes with causal=True,
     window=(255, 0) and no mask. "full" and "causal": None.
@@ -80,7 +80,7 @@ def variant_mask(variant: str, batch: int, seqlen: int, device: str) -> torch.Te
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if variant == "padded":
-        kept = seqlen - (torch.arange(batch, device=device) % 4) * seqlen // 8
+        kept = seqlen - (torch.arange(batch, device=device) % 4 + 1) * seqlen // 8
         keys = torch.arange(seqlen, device=device)
         return (keys < kept[:, None]).view(batch, 1, 1, seqlen)
     if variant == "window":
@@ -603,8 +603,8 @@ def _tflops_cell(result: GpuResult) -> str:
 
 VARIANTS_TEXT = (
     "Variants: full; causal; padded = a boolean key-padding mask of shape (B, 1, 1, S), "
-    "batch b keeping its first S - (b % 4) * S // 8 keys (0 to 37.5% padding; at S=16384 "
-    "B=1, so nothing is padded), given to ckpt_attn and SDPA as attn_mask; window = causal "
+    "batch b keeping its first S - (b % 4 + 1) * S // 8 keys (12.5 to 50% padding), "
+    "given to ckpt_attn and SDPA as attn_mask; window = causal "
     f"sliding window of {WINDOW_KEYS} keys, ckpt_attn with causal=True, window={WINDOW}, "
     "SDPA with the equivalent boolean S x S attn_mask (its flash backend takes no mask). "
     "FLOPs: full and padded count all S*S pairs (the kernels compute the padded ones "
