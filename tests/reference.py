@@ -15,19 +15,60 @@ GRADIENT_FACTOR = 3.0
 ATOL = {torch.float16: 1e-4, torch.bfloat16: 1e-3, torch.float32: 1e-6}
 
 
-def naive_attention(q, k, v, causal=False, scale=None):
-    """softmax(q k^T * scale) v in the inputs' dtype, GQA by repeating k and v."""
+def visible_pairs_mask(seqlen_q, seqlen_k, *, causal=False, window=None, device=None):
+    """(S_q, S_k) bool: the pairs causal (top-left, j <= i) and window=(left, right)
+    (i - left <= j <= i + right, -1 unbounded) let query i see key j."""
+    query = torch.arange(seqlen_q, device=device)[:, None]
+    key = torch.arange(seqlen_k, device=device)[None, :]
+    visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+    if causal:
+        visible &= key <= query
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            visible &= key >= query - left
+        if right >= 0:
+            visible &= key <= query + right
+    return visible
+
+
+def naive_attention(q, k, v, causal=False, scale=None, *, attn_mask=None, window=None):
+    """softmax(q k^T * scale + mask) v in the inputs' dtype, GQA by repeating k and v.
+
+    attn_mask broadcasts to (B, H_q, S_q, S_k) as in SDPA: bool (True = may
+    attend) or float in q's dtype (added to the scaled scores; converted to the
+    computation's dtype, which is exact for float64). window=(left, right) lets
+    query i see keys i - left .. i + right, -1 unbounded. A row with no visible
+    key (every score -inf) gives O = 0, lse = -inf and zero gradients: only those
+    rows are replaced, so any other NaN still shows.
+    """
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if causal:
-        visible = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~visible, float("-inf"))
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        scores = scores + attn_mask.to(scores.dtype)
+    hidden = None
+    if causal or window is not None:
+        hidden = ~visible_pairs_mask(q.shape[2], k.shape[2], causal=causal, window=window,
+                                     device=q.device)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        hidden = ~attn_mask if hidden is None else hidden | ~attn_mask
+    if hidden is not None:
+        scores = scores.masked_fill(hidden, float("-inf"))
+    # Rows with no visible key: softmax and logsumexp (and their backward) would give
+    # NaN, so those rows, and only those, are computed on zeros and then replaced.
+    empty = torch.isneginf(scores).all(dim=-1, keepdim=True)
+    if empty.any():
+        scores = scores.masked_fill(empty, 0.0)
     # float32 at least (float64 stays float64, so the reference lse is exact)
     lse = torch.logsumexp(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)
-    return torch.matmul(torch.softmax(scores, dim=-1), v), lse
+    p = torch.softmax(scores, dim=-1)
+    if empty.any():
+        lse = lse.masked_fill(empty[..., 0], float("-inf"))
+        p = p.masked_fill(empty, 0.0)
+    return torch.matmul(p, v), lse
 
 
 def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -50,7 +91,8 @@ def assert_within_rule(ours, naive, reference, *, factor: float, atol: float, wh
     )
 
 
-def naive_outputs_and_grads(q, k, v, do, *, causal=False, scale=None, dlse=None, dtype=None):
+def naive_outputs_and_grads(q, k, v, do, *, causal=False, scale=None, dlse=None, dtype=None,
+                            attn_mask=None, window=None):
     """naive_attention's O, lse and (dq, dk, dv), all computed in `dtype` (default q's).
 
     The gradients are those of the loss <O, do>, plus <lse, dlse> when dlse is
@@ -59,10 +101,16 @@ def naive_outputs_and_grads(q, k, v, do, *, causal=False, scale=None, dlse=None,
     """
     dtype = q.dtype if dtype is None else dtype
     leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-    o, lse = naive_attention(*leaves, causal=causal, scale=scale)
+    if attn_mask is not None:
+        attn_mask = attn_mask.detach()
+        if attn_mask.dtype != torch.bool:
+            attn_mask = attn_mask.to(dtype)
+    o, lse = naive_attention(*leaves, causal=causal, scale=scale, attn_mask=attn_mask,
+                             window=window)
     outputs, grad_outputs = [o], [do.to(dtype)]
     if dlse is not None:
         outputs.append(lse)
+        # rows with lse = -inf have no gradient path; a finite dlse there changes nothing
         grad_outputs.append(dlse.to(lse.dtype))
     grads = torch.autograd.grad(outputs, leaves, grad_outputs)
     return o.detach(), lse.detach(), grads
@@ -76,14 +124,32 @@ def lse_atol(dtype: torch.dtype, reference_lse: torch.Tensor) -> float:
     return max(ATOL[dtype], 2 * torch.finfo(torch.float32).eps * biggest)
 
 
+def assert_lse_within_rule(lse, naive_lse, ref_lse, *, atol: float, what: str) -> None:
+    """lse under the rule on the rows that see a key; -inf exactly on those that see none
+    (where the reference is -inf), and never NaN or +inf."""
+    assert not torch.isnan(lse).any(), f"{what}: NaN in result"
+    assert not torch.isposinf(lse).any(), f"{what}: +inf in result"
+    empty = torch.isneginf(ref_lse)
+    assert torch.equal(torch.isneginf(lse), empty), (
+        f"{what}: -inf at {int(torch.isneginf(lse).sum())} rows, reference at "
+        f"{int(empty.sum())} (mismatch at {int((torch.isneginf(lse) != empty).sum())})"
+    )
+    assert torch.equal(torch.isneginf(naive_lse), empty), f"{what}: naive baseline -inf rows"
+    if empty.any():
+        lse, naive_lse, ref_lse = lse[~empty], naive_lse[~empty], ref_lse[~empty]
+    assert_within_rule(lse, naive_lse, ref_lse, factor=FORWARD_FACTOR, atol=atol, what=what)
+
+
 def assert_attention_within_rule(o, grads, q, k, v, do, *, causal=False, scale=None, lse=None,
-                                 dlse=None, atol: float | None = None, label: str) -> None:
+                                 dlse=None, atol: float | None = None, label: str,
+                                 attn_mask=None, window=None) -> None:
     """Check O (and lse when given) and the (dq, dk, dv) `grads` of our attention on
     q, k, v against the float64 reference under the rule, naive PyTorch at q's dtype
     being the baseline. `grads` are for the loss <O, do> (+ <lse, dlse>); atol
-    defaults to ATOL[q.dtype]."""
+    defaults to ATOL[q.dtype]. attn_mask and window as in ckpt_attn.attention; rows
+    that see no key must have lse = -inf exactly where the reference has it."""
     dtype = q.dtype
-    kwargs = dict(causal=causal, scale=scale, dlse=dlse)
+    kwargs = dict(causal=causal, scale=scale, dlse=dlse, attn_mask=attn_mask, window=window)
     ref_o, ref_lse, ref_grads = naive_outputs_and_grads(q, k, v, do, dtype=torch.float64,
                                                         **kwargs)
     naive_o, naive_lse, naive_grads = naive_outputs_and_grads(q, k, v, do, **kwargs)
@@ -92,8 +158,8 @@ def assert_attention_within_rule(o, grads, q, k, v, do, *, causal=False, scale=N
     assert_within_rule(o, naive_o, ref_o, factor=FORWARD_FACTOR, atol=atol, what=f"{label} O")
     if lse is not None:
         assert lse.shape == ref_lse.shape and lse.dtype == torch.float32, (lse.shape, lse.dtype)
-        assert_within_rule(lse, naive_lse, ref_lse, factor=FORWARD_FACTOR,
-                           atol=max(atol, lse_atol(dtype, ref_lse)), what=f"{label} lse")
+        assert_lse_within_rule(lse, naive_lse, ref_lse, atol=max(atol, lse_atol(dtype, ref_lse)),
+                               what=f"{label} lse")
     for name, ours, naive, ref in zip(("dq", "dk", "dv"), grads, naive_grads, ref_grads,
                                       strict=True):
         assert ours.shape == ref.shape and ours.dtype == dtype, (name, ours.shape, ours.dtype)
@@ -120,12 +186,13 @@ def random_inputs(shape, dtype, *, device, layout: str = "bhsd"):
     return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), do
 
 
-def run_attention(q, k, v, do, *, backend, causal, scale=None, dlse=None):
+def run_attention(q, k, v, do, *, backend, causal, scale=None, dlse=None, attn_mask=None,
+                  window=None):
     """O, lse and (dq, dk, dv) of ckpt_attn.attention for the loss <O, do> (+ <lse, dlse>)."""
     import ckpt_attn
 
-    o, lse = ckpt_attn.attention(q, k, v, causal=causal, scale=scale, return_lse=True,
-                                 backend=backend)
+    o, lse = ckpt_attn.attention(q, k, v, attn_mask, causal=causal, scale=scale, window=window,
+                                 return_lse=True, backend=backend)
     outputs, grad_outputs = [o], [do]
     if dlse is not None:
         outputs.append(lse)
