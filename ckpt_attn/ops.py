@@ -1,8 +1,10 @@
 """ckpt_attn.attention and attention_varlen: validate, pick a backend, run one custom op
 with registered autograd.
 
-The forward op saves exactly q, k, v, O and the logsumexp for backward; the
-backward op recomputes the attention probabilities from them. Both ops have
+The forward op saves exactly q, k, v, O and the logsumexp for backward (plus
+the caller's attn_mask, or the packed sequences' cumulative lengths, when
+given); the backward op recomputes the attention probabilities, and the
+dropout mask, from them. Both ops have
 fake (meta) implementations, so shapes propagate on the meta device, under
 FakeTensorMode and through torch.compile.
 """

@@ -7,10 +7,13 @@ Three kernels, no atomics, so the gradients are bitwise deterministic:
 - dK/dV: a program owns BLOCK_N keys of one kv head and streams over the
   queries of every query head in its GQA group, so the group's gradients are
   summed in registers;
-- dQ: a program owns BLOCK_M queries and streams over the keys.
+- dQ: a program owns BLOCK_M queries and streams over the keys; for a float
+  attn_mask that requires grad it also writes dS, the mask's gradient.
 
 With P = exp(S - lse), dP = dO V^T and dS = P * (dP - delta):
-dV = P^T dO, dK = scale * dS^T Q, dQ = scale * dS K.
+dV = P^T dO, dK = scale * dS^T Q, dQ = scale * dS K. With dropout, the mask is
+regenerated from the seed: dV = Z^T dO with Z = keep * P / (1 - p), and dP is
+masked and scaled the same way before dS.
 """
 
 from __future__ import annotations

@@ -6,9 +6,12 @@ accumulators. Scores live only as a BLOCK_M x BLOCK_N tile in registers;
 nothing of size S_q x S_k is ever written.
 
 Scores are kept in the log2 domain (scale * log2(e) folded into one multiply)
-so the exponentials are exp2. Key tiles are visited in two phases: tiles that
-every row of the block sees in full (no masking), then the tiles on the causal
-diagonal or past the end of the keys (masked).
+so the exponentials are exp2. Without an attn_mask or a window, key tiles are
+visited in two phases: tiles that every row of the block sees in full (no
+masking), then the tiles on the causal diagonal or past the end of the keys
+(masked). With them, every tile of the visible key range is masked and tiles
+outside it are skipped. Dropout (Philox) applies to P after the row sums, so
+O = dropout(softmax) V; packed sequences give each program one sequence.
 """
 
 from __future__ import annotations
