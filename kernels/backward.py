@@ -24,7 +24,14 @@ import triton.language as tl
 
 from .forward import input_precision, mask_launch_args, packed_launch_args
 from .launch_config import launch, padded_head_dim
-from .masking import dropout_keep, key_range, mask_scores, query_range, sequence_bounds
+from .masking import (
+    dropout_keep,
+    key_range,
+    mask_scores,
+    query_range,
+    sequence_bounds,
+    unmasked_key_split,
+)
 
 
 @triton.jit
@@ -313,11 +320,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, CU_Q, CU_K, DQ, DBIAS, sm_scale,
             True, HEAD_DIM, BLOCK_N, INPUT_PRECISION)
     else:
         # -- key range, as in the forward: [0, full) unmasked, [full, hi) masked --
-        full = (seqlen_k_loop // BLOCK_N) * BLOCK_N
-        hi = seqlen_k_loop
-        if CAUSAL:
-            full = tl.minimum(full, ((start_m + 1) // BLOCK_N) * BLOCK_N)
-            hi = tl.minimum(seqlen_k_loop, start_m + BLOCK_M)
+        full, hi = unmasked_key_split(start_m, seqlen_k_loop, CAUSAL, BLOCK_M, BLOCK_N)
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn,
             offs_m, offs_n, offs_d, 0, full, seqlen_q, seqlen_k, qk_scale, mask_base,

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .launch_config import launch, padded_head_dim
-from .masking import dropout_keep, key_range, mask_scores, sequence_bounds
+from .masking import dropout_keep, key_range, mask_scores, sequence_bounds, unmasked_key_split
 
 
 @triton.jit
@@ -130,11 +130,7 @@ def _attn_fwd(Q, K, V, O, LSE, MASK, CU_Q, CU_K, sm_scale,
             INPUT_PRECISION)
     else:
         # -- [0, full) is visible to every row of the block; [full, hi) needs masks --
-        full = (seqlen_k_loop // BLOCK_N) * BLOCK_N
-        hi = seqlen_k_loop
-        if CAUSAL:
-            full = tl.minimum(full, ((start_m + 1) // BLOCK_N) * BLOCK_N)
-            hi = tl.minimum(seqlen_k_loop, start_m + BLOCK_M)
+        full, hi = unmasked_key_split(start_m, seqlen_k_loop, CAUSAL, BLOCK_M, BLOCK_N)
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn,
             offs_m, offs_n, offs_d, 0, full, seqlen_q, seqlen_k, qk_scale,

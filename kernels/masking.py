@@ -60,6 +60,20 @@ def key_range(start_m, seqlen_k, window_left, window_right,
 
 
 @triton.jit
+def unmasked_key_split(start_m, seqlen_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    """(full, hi) without masks or a window: keys [0, full) are visible to every row of
+    queries [start_m, start_m + BLOCK_M), so those tiles need no mask; [full, hi) do (the
+    causal diagonal and the partial last key block)."""
+    full = (seqlen_k // BLOCK_N) * BLOCK_N
+    hi = seqlen_k
+    if CAUSAL:
+        full = tl.minimum(full, ((start_m + 1) // BLOCK_N) * BLOCK_N)
+        hi = tl.minimum(seqlen_k, start_m + BLOCK_M)
+    return full, hi
+
+
+@triton.jit
 def query_range(start_n, seqlen_q, window_left, window_right,
                 CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
