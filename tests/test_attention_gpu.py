@@ -49,43 +49,32 @@ def allow_tf32(enabled: bool):
         torch.backends.cuda.matmul.allow_tf32 = previous
 
 
-# (shape, causal): head dims 64/128/256, odd lengths, S_q < S_k and S_q > S_k,
-# GQA and MQA; four (head_dim, causal) combinations.
-BF16_CASES = [
-    ((2, 4, 2, 113, 203, 64), False),
-    ((1, 4, 1, 257, 129, 64), True),
-    ((1, 2, 2, 1, 239, 128), True),
-    ((2, 2, 1, 300, 300, 128), True),
-    ((1, 2, 2, 77, 61, 256), False),
-    ((1, 2, 1, 511, 1023, 256), False),
+# (dtype, shape, causal). bf16, which the interpreter cannot run: head dims
+# 64/128/256, odd lengths, S_q < S_k and S_q > S_k, GQA and MQA. fp16: realistic
+# sequence lengths.
+GPU_CASES = [
+    (torch.bfloat16, (2, 4, 2, 113, 203, 64), False),
+    (torch.bfloat16, (1, 4, 1, 257, 129, 64), True),
+    (torch.bfloat16, (1, 2, 2, 1, 239, 128), True),
+    (torch.bfloat16, (2, 2, 1, 300, 300, 128), True),
+    (torch.bfloat16, (1, 2, 2, 77, 61, 256), False),
+    (torch.bfloat16, (1, 2, 1, 511, 1023, 256), False),
+    (torch.float16, (2, 8, 2, 1024, 1024, 64), True),
+    (torch.float16, (2, 8, 8, 1024, 2048, 64), False),
+    (torch.float16, (1, 16, 4, 2048, 2048, 128), False),
+    (torch.float16, (1, 8, 1, 4096, 4096, 128), True),
 ]
 
 
-@pytest.mark.parametrize("shape, causal", BF16_CASES,
-                         ids=[f"{shape_id(s)}-{'causal' if c else 'full'}" for s, c in BF16_CASES])
-def test_bf16_matches_reference(shape, causal):
-    q, k, v, do = random_inputs(shape, torch.bfloat16, device=CUDA)
+@pytest.mark.parametrize("dtype, shape, causal", GPU_CASES,
+                         ids=[f"{str(d)[6:]}-{shape_id(s)}-{'causal' if c else 'full'}"
+                              for d, s, c in GPU_CASES])
+def test_matches_reference(dtype, shape, causal):
+    q, k, v, do = random_inputs(shape, dtype, device=CUDA)
     dlse = torch.randn(q.shape[:3], device=CUDA)
     o, lse, grads = run_attention(q, k, v, do, backend="triton", causal=causal, dlse=dlse)
     assert_attention_within_rule(o, grads, q, k, v, do, causal=causal, lse=lse, dlse=dlse,
-                                 label="gpu triton bfloat16")
-
-
-FP16_CASES = [
-    ((2, 8, 2, 1024, 1024, 64), True),
-    ((2, 8, 8, 1024, 2048, 64), False),
-    ((1, 16, 4, 2048, 2048, 128), False),
-    ((1, 8, 1, 4096, 4096, 128), True),
-]
-
-
-@pytest.mark.parametrize("shape, causal", FP16_CASES,
-                         ids=[f"{shape_id(s)}-{'causal' if c else 'full'}" for s, c in FP16_CASES])
-def test_fp16_realistic_sizes(shape, causal):
-    q, k, v, do = random_inputs(shape, torch.float16, device=CUDA)
-    o, _, grads = run_attention(q, k, v, do, backend="triton", causal=causal)
-    assert_attention_within_rule(o, grads, q, k, v, do, causal=causal,
-                                 label="gpu triton float16 large S")
+                                 label=f"gpu triton {str(dtype)[6:]}")
 
 
 def test_fp16_transposed_layout_and_determinism():
