@@ -12,7 +12,7 @@ FakeTensorMode and through torch.compile.
 from __future__ import annotations
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
+from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
 from torch.utils.flop_counter import register_flop_formula
 
 from . import backends
@@ -118,14 +118,16 @@ def visible_pairs(seqlen_q: int, seqlen_k: int, causal: bool,
                   window: tuple[int, int] = (-1, -1)) -> int:
     """Number of (query, key) pairs attention computes, given causal and the window."""
     left, right = window
-    rows = torch.arange(seqlen_q)
-    first = (rows - left).clamp(min=0) if left >= 0 else torch.zeros_like(rows)
-    last = torch.full_like(rows, seqlen_k - 1)
-    if right >= 0:
-        last = torch.minimum(last, rows + right)
-    if causal:
-        last = torch.minimum(last, rows)
-    return int((last - first + 1).clamp(min=0).sum())
+    pairs = 0
+    for row in range(seqlen_q):
+        first = max(row - left, 0) if left >= 0 else 0
+        last = seqlen_k - 1
+        if right >= 0:
+            last = min(last, row + right)
+        if causal:
+            last = min(last, row)
+        pairs += max(last - first + 1, 0)
+    return pairs
 
 
 def _pairs(q, k, causal, window, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> int:
@@ -164,6 +166,12 @@ def _backward_flops(do, dlse, q, k, v, o, lse, mask, causal, scale, window_left,
     pairs = _pairs(q, k, causal, (window_left, window_right), cu_seqlens_q, cu_seqlens_k,
                    max_seqlen_q, max_seqlen_k)
     return 5 * 2 * batch * heads * head_dim * pairs
+
+
+def _draw_seed() -> int:
+    """A dropout seed from torch's default CPU generator (real even under FakeTensorMode)."""
+    with unset_fake_temporarily():
+        return int(torch.randint(0, 2**31 - 1, (), device="cpu"))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -212,7 +220,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     check_mask(attn_mask, q, k)
     window_left, window_right = check_window(window)
     dropout_p = check_dropout(dropout_p)
-    seed = int(torch.randint(0, 2**31 - 1, ())) if dropout_p > 0 else 0
+    seed = _draw_seed() if dropout_p > 0 else 0
     resolved = backends.resolve_backend(backend, q)
     o, lse = _attention_forward(q, k, v, attn_mask, bool(causal), scale, window_left,
                                 window_right, dropout_p, seed, None, None, 0, 0, resolved)
@@ -256,7 +264,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     scale = resolve_scale(scale, q.shape[-1])
     window_left, window_right = check_window(window)
     dropout_p = check_dropout(dropout_p)
-    seed = int(torch.randint(0, 2**31 - 1, ())) if dropout_p > 0 else 0
+    seed = _draw_seed() if dropout_p > 0 else 0
     resolved = backends.resolve_backend(backend, q4)
     o, _ = _attention_forward(q4, k4, v4, None, bool(causal), scale, window_left, window_right,
                               dropout_p, seed, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),

@@ -1,0 +1,218 @@
+"""estimate(): the analytic activation-memory model of a TransformerConfig.
+
+Every tensor a ckpt_attn.TransformerLayer keeps for its backward is a term below,
+with the reason autograd keeps it; a policy keeps all of them ("none"), only the
+layer's input ("full", "uniform", "sqrt": one input per group), or the matmul and
+attention outputs ("selective"). Notation: T = batch * seq tokens, h = hidden, g =
+kv heads * head dim, f = ffn hidden, H = heads, b = bytes per element.
+
+The transient terms of the peak (what a segment's backward brings back, gradients
+in flight) come from running one layer on the meta device (ckpt_attn.memory.
+layer_costs), and the chain is combined with the same model plan_layers uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..checkpointing import STORAGES
+from ..checkpointing.policies import check_policy, plan_for
+from ..modules.config import TransformerConfig
+from ..modules.transformer import TransformerLayer, make_norm
+from .measurement import measure
+from .planner import LayerCost, Plan, layer_costs, plan_cost, plan_layers, segment_cost
+from .report import Report
+
+NAIVE_SAVES = "what naive attention (softmax(q k^T) v in PyTorch) would keep instead"
+
+
+@dataclasses.dataclass
+class Term(Report):
+    """One tensor a layer keeps: its name, bytes (per layer), and why autograd keeps it."""
+
+    name: str
+    bytes: int
+    why: str
+
+
+@dataclasses.dataclass
+class Estimate(Report):
+    """The predicted memory and compute of one training step under a policy.
+
+    kept_bytes: on the device between forward and backward; offloaded_bytes: in host
+    memory (storage="cpu"); peak_bytes: on the device during the backward.
+    recompute_flops and step_flops (forward + backward without recompute);
+    recompute_overhead = recompute_flops / step_flops. naive_kept_bytes: what the same
+    policy keeps with naive attention (S^2 terms). layer_terms: what one layer keeps
+    under "none"; naive_terms: the attention terms naive attention changes.
+    """
+
+    policy: str
+    storage: str
+    kept_bytes: int
+    offloaded_bytes: int
+    peak_bytes: int
+    recompute_flops: int
+    step_flops: int
+    recompute_overhead: float
+    naive_kept_bytes: int
+    layer_terms: list[Term]
+    naive_terms: list[Term]
+
+
+def layer_terms(cfg: TransformerConfig, batch: int, seq: int, dtype: torch.dtype,
+                training: bool = True) -> list[Term]:
+    """What one TransformerLayer keeps with no checkpointing, tensor by tensor."""
+    tokens, b = batch * seq, dtype.itemsize
+    h, g, f = cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, cfg.ffn_hidden_size
+    stats = 4 * tokens * (1 if cfg.norm == "rmsnorm" else 2)
+    stats_why = "fp32 rstd per token" if cfg.norm == "rmsnorm" else "fp32 mean and rstd"
+    terms = []
+    for where, next_op in (("attn", "q/k/v projections"), ("mlp", "MLP input projections")):
+        terms += [Term(f"{where}_norm input", tokens * h * b, "the norm's backward"),
+                  Term(f"{where}_norm stats", stats, stats_why),
+                  Term(f"{where}_norm output", tokens * h * b,
+                       f"the {next_op}' weight gradients")]
+        if where == "attn":
+            terms += [Term("q after rotary", tokens * h * b, "attention backward"),
+                      Term("k after rotary", tokens * g * b, "attention backward"),
+                      Term("v", tokens * g * b, "attention backward"),
+                      Term("attention output o", tokens * h * b,
+                           "attention backward, o_proj weight gradient"),
+                      Term("logsumexp", tokens * cfg.num_heads * 4,
+                           "fp32, attention backward recomputes P from it")]
+        else:
+            terms += _mlp_terms(cfg, tokens * f * b)
+        if cfg.dropout > 0 and training:
+            terms.append(Term(f"{where} residual dropout mask", tokens * h, "bool keep-mask"))
+    return terms
+
+
+def _mlp_terms(cfg: TransformerConfig, size: int) -> list[Term]:
+    if cfg.mlp == "swiglu":
+        return [Term("gate", size, "silu's backward"),
+                Term("silu(gate)", size, "the product's backward"),
+                Term("up", size, "the product's backward"),
+                Term("silu(gate) * up", size, "down_proj weight gradient")]
+    return [Term("up", size, "gelu's backward"),
+            Term("gelu(up)", size, "down_proj weight gradient")]
+
+
+def naive_attention_terms(cfg: TransformerConfig, batch: int, seq: int, dtype: torch.dtype,
+                          training: bool = True) -> list[Term]:
+    """The extra (or, negative, saved) bytes per layer with naive attention."""
+    b, heads, tokens = dtype.itemsize, cfg.num_heads, batch * seq
+    square = batch * heads * seq * seq
+    terms = [Term("softmax output P", square * b, "P @ v's backward and softmax's backward"),
+             Term("logsumexp (not kept)", -tokens * heads * 4, "naive keeps P instead")]
+    if cfg.num_kv_heads != cfg.num_heads:
+        repeated = 2 * tokens * (cfg.num_heads - cfg.num_kv_heads) * cfg.head_dim * b
+        terms.append(Term("k, v repeated per query head", repeated, "GQA by repeat_interleave"))
+    if cfg.dropout > 0 and training:
+        terms += [Term("dropout mask", square, "bool keep-mask"),
+                  Term("dropped P", square * b, "P @ v's backward")]
+    return terms
+
+
+def estimate(cfg: TransformerConfig, *, batch: int, seq: int, policy: str = "none",
+             dtype: torch.dtype = torch.bfloat16, storage: str = "device",
+             **policy_options) -> Estimate:
+    """Predict what one training step of Transformer(cfg) keeps and peaks at.
+
+    Args:
+        cfg: the model's TransformerConfig.
+        batch, seq: the input's batch size and sequence length.
+        policy, storage, **policy_options: as in ckpt_attn.apply_checkpointing
+            (every=, ratio=, budget_bytes=).
+        dtype: the model's and activations' dtype.
+    """
+    if not isinstance(cfg, TransformerConfig):
+        raise TypeError(f"cfg must be a TransformerConfig, got {type(cfg).__name__}")
+    for name, value in (("batch", batch), ("seq", seq)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if seq > cfg.max_seq_len:
+        raise ValueError(f"seq ({seq}) exceeds cfg.max_seq_len ({cfg.max_seq_len})")
+    if storage not in STORAGES:
+        raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
+    check_policy(policy, policy_options)
+    if storage in ("int8", "fp8") and policy in ("none", "selective") or \
+            storage == "cpu" and policy == "selective":
+        raise ValueError(f"storage={storage!r} does not apply to policy {policy!r} "
+                         f"(see ckpt_attn.apply_checkpointing)")
+    terms = layer_terms(cfg, batch, seq, dtype)
+    naive = naive_attention_terms(cfg, batch, seq, dtype)
+    cost = dataclasses.replace(_one_layer_cost(cfg, batch, seq, dtype),
+                               kept_none_bytes=sum(t.bytes for t in terms))
+    costs = [cost] * cfg.num_layers
+    final_norm = terms[0].bytes + terms[1].bytes  # its input and stats
+    norm_transient = _final_norm_transient(cfg, batch, seq, dtype)
+    if policy == "budget":
+        segments = plan_layers(costs, policy_options["budget_bytes"], final_norm,
+                               norm_transient).segments
+    else:
+        segments = plan_for(policy, cfg.num_layers, policy_options)
+    plan = plan_cost(costs, segments, final_norm, norm_transient)
+    # int8/fp8: a byte per element and an fp32 scale per token
+    quantized_input = batch * seq * (cfg.hidden_size + 4)
+    kept, peak, offloaded = _stored(plan, costs, storage, final_norm, quantized_input)
+    step_flops = cfg.num_layers * (cost.forward_flops + cost.backward_flops)
+    naive_extra = sum(t.bytes for t in naive) * sum(
+        s.mode == "none" for s in plan.segments)
+    return Estimate(policy=policy, storage=storage, kept_bytes=kept, offloaded_bytes=offloaded,
+                    peak_bytes=peak, recompute_flops=plan.recompute_flops,
+                    step_flops=step_flops,
+                    recompute_overhead=plan.recompute_flops / step_flops,
+                    naive_kept_bytes=plan.kept_bytes + naive_extra,
+                    layer_terms=terms, naive_terms=naive)
+
+
+def _stored(plan, costs: list[LayerCost], storage: str, base: int,
+            quantized_input: int) -> tuple[int, int, int]:
+    """(kept on device, peak on device, offloaded) of a plan under a storage mode."""
+    transient = plan.peak_bytes - plan.kept_bytes
+    if storage == "device":
+        return plan.kept_bytes, plan.peak_bytes, 0
+    if storage == "cpu":
+        # everything the layers keep is in host memory; each segment's share comes back
+        # to the device for its backward
+        largest = max(segment_cost(costs, s)[0] for s in plan.segments)
+        return base, base + largest + transient, plan.kept_bytes - base
+    # int8 / fp8: a recomputed segment keeps its input quantized; the dequantized input
+    # is rebuilt on the device when the segment is recomputed
+    recomputed = [s for s in plan.segments if s.mode == "full"]
+    input_bytes = costs[0].input_bytes
+    kept = plan.kept_bytes - len(recomputed) * (input_bytes - quantized_input)
+    return kept, kept + transient + (input_bytes if recomputed else 0), 0
+
+
+def _final_norm_transient(cfg, batch, seq, dtype) -> int:
+    """What the final norm's backward brings back (its gradients in flight), measured on
+    the meta device."""
+    with torch.device("meta"):
+        norm = make_norm(cfg).to(dtype)
+    x = torch.empty(batch, seq, cfg.hidden_size, device="meta", dtype=dtype)
+    run = measure(norm, x.requires_grad_(True))
+    return run.peak_bytes - run.kept_bytes
+
+
+def _one_layer_cost(cfg, batch, seq, dtype) -> LayerCost:
+    with torch.device("meta"):
+        layer = TransformerLayer(cfg).to(dtype)
+    x = torch.empty(batch, seq, cfg.hidden_size, device="meta", dtype=dtype)
+    return layer_costs([layer], x)[0]
+
+
+def plan(cfg: TransformerConfig, *, batch: int, seq: int, budget_bytes: float,
+         dtype: torch.dtype = torch.bfloat16) -> Plan:
+    """The checkpoint plan for Transformer(cfg) with least recompute FLOPs whose predicted
+    peak fits budget_bytes (see plan_layers); ValueError with the minimum if none does."""
+    check_policy("budget", {"budget_bytes": budget_bytes})
+    est = estimate(cfg, batch=batch, seq=seq, policy="none", dtype=dtype)
+    cost = dataclasses.replace(_one_layer_cost(cfg, batch, seq, dtype),
+                               kept_none_bytes=sum(t.bytes for t in est.layer_terms))
+    final_norm = est.layer_terms[0].bytes + est.layer_terms[1].bytes
+    return plan_layers([cost] * cfg.num_layers, budget_bytes, final_norm,
+                       _final_norm_transient(cfg, batch, seq, dtype))

@@ -1,0 +1,318 @@
+"""apply_checkpointing on a small Transformer (torch backend, fp32, CPU): every policy
+gives the gradients of no checkpointing (dropout included, under one seed), keeps what
+it promises (counted with saved_tensors_hooks and with ckpt_attn.memory.measure),
+recomputes what it promises (FlopCounterMode), and storage modes shrink what is kept.
+Also: nn.Sequential and other `layers` containers, kwargs, no_grad, eval, reapplying,
+and every bad argument."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import ckpt_attn
+from ckpt_attn import apply_checkpointing
+from ckpt_attn.checkpointing import apply as apply_module
+from ckpt_attn.memory import estimate, measure
+
+LAYERS, HIDDEN, BATCH, SEQ = 4, 64, 2, 19
+TOKENS = BATCH * SEQ
+FP32 = 4
+
+POLICIES = [("none", {}), ("full", {}), ("uniform", {"every": 2}), ("uniform", {"every": 3}),
+            ("sqrt", {}), ("ratio", {"ratio": 0.5}), ("ratio", {"ratio": 1.0}),
+            ("selective", {})]
+POLICY_IDS = ["none", "full", "uniform2", "uniform3", "sqrt", "ratio0.5", "ratio1", "selective"]
+
+
+def make_model(**overrides):
+    fields = dict(num_layers=LAYERS, hidden_size=HIDDEN, num_heads=4, num_kv_heads=2,
+                  backend="torch")
+    torch.manual_seed(0)
+    return ckpt_attn.Transformer(ckpt_attn.TransformerConfig(**(fields | overrides)))
+
+
+def inputs(requires_grad=True):
+    torch.manual_seed(1)
+    return torch.randn(BATCH, SEQ, HIDDEN, requires_grad=requires_grad)
+
+
+def step(model, x, **kwargs):
+    """Output and the gradients of every parameter and of x, under a fixed seed."""
+    model.zero_grad()
+    x.grad = None
+    torch.manual_seed(2)
+    y = model(x, **kwargs)
+    y.square().sum().backward()
+    return y.detach(), [p.grad.clone() for p in model.parameters()] + [x.grad.clone()]
+
+
+def assert_same_step(a, b, atol=1e-6):
+    torch.testing.assert_close(a[0], b[0], atol=atol, rtol=0)
+    for got, want in zip(a[1], b[1], strict=True):
+        torch.testing.assert_close(got, want, atol=atol, rtol=0)
+
+
+def saved_bytes(model, x, **kwargs) -> int:
+    """Unique storages autograd saves during the forward (saved_tensors_hooks), parameters
+    and buffers excluded."""
+    state = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
+    saved = {}
+
+    def pack(t):
+        key = t.untyped_storage()._cdata
+        if key not in state:
+            saved[key] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x, **kwargs)
+    return sum(saved.values())
+
+
+# --- gradients ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("policy, options", POLICIES, ids=POLICY_IDS)
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("mlp, norm", [("swiglu", "rmsnorm"), ("gelu", "layernorm")])
+def test_gradients_equal_no_checkpointing(policy, options, dropout, mlp, norm):
+    model = make_model(dropout=dropout, mlp=mlp, norm=norm, bias=norm == "layernorm")
+    x = inputs()
+    reference = step(model, x)
+    apply_checkpointing(model, policy, **options)
+    assert_same_step(step(model, x), reference)
+
+
+def test_budget_policy_gradients_and_plan():
+    model = make_model(dropout=0.1)
+    x = inputs()
+    reference = step(model, x)
+    none_peak = measure(model, x).peak_bytes
+    apply_checkpointing(model, "budget", budget_bytes=none_peak * 0.6)
+    assert_same_step(step(model, x), reference)
+    run = measure(model, x)
+    assert run.peak_bytes <= none_peak * 0.6
+    assert run.recompute_flops > 0
+
+
+def test_masks_flow_through_grouped_layers():
+    model = make_model(causal=False)
+    x = inputs()
+    keep = torch.rand(BATCH, 1, 1, SEQ) > 0.3
+    keep[..., 0] = True
+    reference = step(model, x, attn_mask=keep)
+    apply_checkpointing(model, "uniform", every=2)
+    assert_same_step(step(model, x, attn_mask=keep), reference)
+
+
+def test_eval_mode_and_no_grad():
+    model = make_model(dropout=0.2)
+    x = inputs()
+    apply_checkpointing(model, "sqrt")
+    model.eval()
+    with torch.no_grad():
+        plain = model(x)
+    # under no_grad no checkpoint machinery runs at all
+    original = apply_module.checkpoint
+    apply_module.checkpoint = None
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), plain)
+    finally:
+        apply_module.checkpoint = original
+    apply_checkpointing(model, "none")
+    torch.testing.assert_close(model(x), plain)  # eval: dropout off, deterministic
+
+
+def test_reapply_replaces_and_none_removes():
+    model = make_model()
+    keys = set(model.state_dict())
+    apply_checkpointing(model, "uniform", every=2)
+    apply_checkpointing(model, "full")
+    forwards = [layer.__dict__["forward"] for layer in model.layers]
+    assert all(f.run.layers == [layer] for f, layer in zip(forwards, model.layers, strict=True))
+    assert set(model.state_dict()) == keys
+    apply_checkpointing(model, "none")
+    assert all("forward" not in layer.__dict__ for layer in model.layers)
+
+
+def test_sequential_and_layers_container():
+    torch.manual_seed(0)
+    seq = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Dropout(0.2))
+                          for _ in range(5)])
+    x = torch.randn(3, 8, requires_grad=True)
+    reference = step(seq, x)
+    apply_checkpointing(seq, "uniform", every=2)
+    assert_same_step(step(seq, x), reference)
+
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = torch.relu(layer(x))  # not a plain chain: relu between layers
+            return x
+
+    stack = Stack()
+    reference = step(stack, x)
+    apply_checkpointing(stack, "full")  # one layer per segment: any model works
+    assert_same_step(step(stack, x), reference)
+    apply_checkpointing(stack, "uniform", every=3)
+    with pytest.raises(RuntimeError, match="in order, each on the previous"):
+        step(stack, x)
+
+
+# --- what is kept ---------------------------------------------------------------------
+
+def layer_input_bytes(dtype_bytes=FP32) -> int:
+    return TOKENS * HIDDEN * dtype_bytes
+
+
+def final_norm_bytes() -> int:
+    return layer_input_bytes() + TOKENS * FP32  # its input and fp32 rstd
+
+
+@pytest.mark.parametrize("policy, options, kept_inputs", [
+    ("full", {}, LAYERS), ("uniform", {"every": 2}, 2), ("uniform", {"every": 3}, 2),
+    ("sqrt", {}, math.ceil(LAYERS / math.ceil(math.sqrt(LAYERS)))),
+])
+def test_recomputing_policies_keep_one_input_per_segment(policy, options, kept_inputs):
+    model = make_model()
+    x = inputs()
+    apply_checkpointing(model, policy, **options)
+    promised = kept_inputs * layer_input_bytes() + final_norm_bytes()
+    assert saved_bytes(model, x) == promised
+    assert measure(model, x).kept_bytes == promised
+
+
+@pytest.mark.parametrize("policy, options", POLICIES, ids=POLICY_IDS)
+def test_kept_bytes_match_the_estimate(policy, options):
+    model = make_model(dropout=0.1)
+    x = inputs()
+    apply_checkpointing(model, policy, **options)
+    predicted = estimate(model.cfg, batch=BATCH, seq=SEQ, policy=policy, dtype=torch.float32,
+                         **options).kept_bytes
+    assert measure(model, x).kept_bytes == predicted
+    if policy != "selective":  # selective's kept outputs live in torch's cache, not hooks
+        assert saved_bytes(model, x) == predicted
+
+
+def test_selective_keeps_matmul_and_attention_outputs():
+    model = make_model()
+    cfg = model.cfg
+    apply_checkpointing(model, "selective")
+    kv = cfg.num_kv_heads * cfg.head_dim
+    per_token = (HIDDEN  # layer input
+                 + HIDDEN + 2 * kv + HIDDEN  # q, k, v, o_proj outputs
+                 + 2 * cfg.ffn_hidden_size + HIDDEN  # gate, up, down outputs
+                 + HIDDEN)  # attention output o
+    per_layer = TOKENS * per_token * FP32 + TOKENS * cfg.num_heads * FP32  # + lse
+    assert measure(model, inputs()).kept_bytes == LAYERS * per_layer + final_norm_bytes()
+
+
+# --- what is recomputed ---------------------------------------------------------------
+
+def flops(model, x):
+    model.zero_grad()
+    with FlopCounterMode(display=False) as counter:
+        model(x).sum().backward()
+    return counter.get_total_flops(), counter.get_flop_counts()["Global"]
+
+
+def test_full_recomputes_one_forward():
+    model = make_model(dropout=0.1)  # dropout after the MLP: no early stop inside a layer
+    x = inputs()
+    base, _ = flops(model, x)
+    forward = measure(model, x).forward_flops
+    apply_checkpointing(model, "full")
+    extra = flops(model, x)[0] - base
+    assert extra == forward
+
+
+def test_full_recompute_stops_after_the_last_needed_tensor():
+    model = make_model()
+    x = inputs()
+    base, _ = flops(model, x)
+    forward = measure(model, x).forward_flops
+    apply_checkpointing(model, "full")
+    # without dropout the down projection's output is not needed by any backward
+    down_proj = 2 * TOKENS * model.cfg.ffn_hidden_size * HIDDEN
+    assert flops(model, x)[0] - base == forward - LAYERS * down_proj
+
+
+def test_selective_recomputes_no_matmul():
+    model = make_model(dropout=0.1)
+    x = inputs()
+    base, base_ops = flops(model, x)
+    apply_checkpointing(model, "selective")
+    total, ops = flops(model, x)
+    assert total == base and ops == base_ops
+    assert measure(model, x).recompute_flops == 0
+
+
+# --- storage modes --------------------------------------------------------------------
+
+@pytest.mark.parametrize("storage, shrink, grad_error", [("int8", 3.5, 0.03),
+                                                         ("fp8", 3.5, 0.1)])
+def test_quantized_storage(storage, shrink, grad_error):
+    model = make_model(hidden_size=128)
+    x = inputs(requires_grad=False).repeat(1, 1, 2)
+    reference = step(model, x.requires_grad_())
+    x.requires_grad_(False)
+    apply_checkpointing(model, "full")
+    final = 128 * TOKENS * FP32 + TOKENS * FP32
+    device_kept = measure(model, x).kept_bytes - final
+    apply_checkpointing(model, "full", storage=storage)
+    quantized_kept = measure(model, x).kept_bytes - final
+    assert quantized_kept == LAYERS * TOKENS * (128 + FP32)  # a byte per element, a scale
+    assert device_kept / quantized_kept > shrink
+    got = step(model, x.requires_grad_())
+    for a, b in zip(got[1], reference[1], strict=True):
+        assert (a - b).abs().max() <= grad_error * b.abs().max()
+
+
+def test_cpu_storage_on_cpu_is_exact():
+    model = make_model(dropout=0.1)
+    x = inputs()
+    reference = step(model, x)
+    for policy in ("none", "full", "sqrt"):
+        apply_checkpointing(model, policy, storage="cpu")
+        assert_same_step(step(model, x), reference)
+
+
+# --- bad input ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("policy, options, error, match", [
+    ("every_other", {}, ValueError, "none, full, uniform, sqrt, ratio, selective, budget"),
+    ("uniform", {"every": 0}, ValueError, "every must be an int >= 1"),
+    ("uniform", {"every": 1.5}, ValueError, "every"),
+    ("uniform", {}, TypeError, "needs every"),
+    ("ratio", {"ratio": 0.0}, ValueError, r"ratio must be in \(0, 1\]"),
+    ("ratio", {"ratio": 1.5}, ValueError, "ratio"),
+    ("full", {"every": 2}, TypeError, "unexpected every"),
+    ("budget", {"budget_bytes": -1}, ValueError, "budget_bytes"),
+    ("full", {"storage": "disk"}, ValueError, "storage must be one of"),
+    ("none", {"storage": "int8"}, ValueError, "recomputes nothing"),
+    ("selective", {"storage": "cpu"}, ValueError, "selective"),
+])
+def test_bad_arguments(policy, options, error, match):
+    with pytest.raises(error, match=match):
+        apply_checkpointing(make_model(), policy, **options)
+
+
+def test_budget_below_every_plan_names_the_minimum():
+    model = make_model()
+    apply_checkpointing(model, "budget", budget_bytes=1000)
+    with pytest.raises(ValueError, match=r"below the smallest peak .* \(\d+ bytes\)"):
+        model(inputs())
+
+
+def test_model_without_layers():
+    with pytest.raises(ValueError, match="no.*layers|neither"):
+        apply_checkpointing(nn.Linear(4, 4), "full")
