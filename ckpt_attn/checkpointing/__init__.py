@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..modules.transformer import Transformer
 from .apply import SAVED_OPS, find_layers, install
 from .budget import BudgetForward
 from .policies import MODES, POLICIES, Segment, check_policy, plan_for
@@ -41,7 +42,9 @@ def apply_checkpointing(model: nn.Module, policy: str = "none", *, storage: str 
                 ops (norms, rotary, activations, dropout) are recomputed, no matmul is;
             "budget" (budget_bytes=M): the plan with the least recompute whose peak
                 activation memory fits M bytes (ckpt_attn.memory.plan_layers), made on
-                the first forward for each input shape from the layers' measured costs.
+                the first forward for each input shape from the layers' costs measured
+                on the meta device. For a ckpt_attn.Transformer the final norm counts
+                too; for other models, what runs outside the layers is not in M.
         storage: how kept tensors are stored: "device" (as saved), "cpu" (offloaded;
             pinned and asynchronous on CUDA), "int8" or "fp8" (the inputs of recomputed
             segments, quantized per row; see ckpt_attn.checkpointing.storage for the
@@ -64,7 +67,8 @@ def apply_checkpointing(model: nn.Module, policy: str = "none", *, storage: str 
     layers = find_layers(model)
     if policy == "budget":
         install(layers, [Segment(i, i + 1, "none") for i in range(len(layers))], "device")
-        layers[0].forward = BudgetForward(layers, options["budget_bytes"], storage)
+        tail = getattr(model, "norm", None) if isinstance(model, Transformer) else None
+        layers[0].forward = BudgetForward(layers, options["budget_bytes"], storage, tail)
     else:
         install(layers, plan_for(policy, len(layers), options), storage)
     return model

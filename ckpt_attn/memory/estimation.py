@@ -14,6 +14,7 @@ layer_costs), and the chain is combined with the same model plan_layers uses.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -21,8 +22,15 @@ from ..checkpointing import STORAGES
 from ..checkpointing.policies import check_policy, plan_for
 from ..modules.config import TransformerConfig
 from ..modules.transformer import TransformerLayer, make_norm
-from .measurement import measure
-from .planner import LayerCost, Plan, layer_costs, plan_cost, plan_layers, segment_cost
+from .planner import (
+    LayerCost,
+    Plan,
+    layer_costs,
+    plan_cost,
+    plan_layers,
+    segment_cost,
+    tail_cost,
+)
 from .report import Report
 
 NAIVE_SAVES = "what naive attention (softmax(q k^T) v in PyTorch) would keep instead"
@@ -144,11 +152,7 @@ def estimate(cfg: TransformerConfig, *, batch: int, seq: int, policy: str = "non
                          f"(see ckpt_attn.apply_checkpointing)")
     terms = layer_terms(cfg, batch, seq, dtype)
     naive = naive_attention_terms(cfg, batch, seq, dtype)
-    cost = dataclasses.replace(_one_layer_cost(cfg, batch, seq, dtype),
-                               kept_none_bytes=sum(t.bytes for t in terms))
-    costs = [cost] * cfg.num_layers
-    final_norm = terms[0].bytes + terms[1].bytes  # its input and stats
-    norm_transient = _final_norm_transient(cfg, batch, seq, dtype)
+    costs, final_norm, norm_transient = _chain(cfg, batch, seq, dtype)
     if policy == "budget":
         segments = plan_layers(costs, policy_options["budget_bytes"], final_norm,
                                norm_transient).segments
@@ -158,9 +162,12 @@ def estimate(cfg: TransformerConfig, *, batch: int, seq: int, policy: str = "non
     # int8/fp8: a byte per element and an fp32 scale per token
     quantized_input = batch * seq * (cfg.hidden_size + 4)
     kept, peak, offloaded = _stored(plan, costs, storage, final_norm, quantized_input)
-    step_flops = cfg.num_layers * (cost.forward_flops + cost.backward_flops)
-    naive_extra = sum(t.bytes for t in naive) * sum(
-        s.mode == "none" for s in plan.segments)
+    step_flops = cfg.num_layers * (costs[0].forward_flops + costs[0].backward_flops)
+    # naive attention under "none" keeps its S^2 terms; under "selective" the scores,
+    # a matmul output (softmax and dropout are recomputed)
+    scores = terms_bytes(naive[:2])
+    naive_extra = sum(terms_bytes(naive) if s.mode == "none" else
+                      scores if s.mode == "selective" else 0 for s in plan.segments)
     return Estimate(policy=policy, storage=storage, kept_bytes=kept, offloaded_bytes=offloaded,
                     peak_bytes=peak, recompute_flops=plan.recompute_flops,
                     step_flops=step_flops,
@@ -188,31 +195,36 @@ def _stored(plan, costs: list[LayerCost], storage: str, base: int,
     return kept, kept + transient + (input_bytes if recomputed else 0), 0
 
 
-def _final_norm_transient(cfg, batch, seq, dtype) -> int:
-    """What the final norm's backward brings back (its gradients in flight), measured on
-    the meta device."""
-    with torch.device("meta"):
-        norm = make_norm(cfg).to(dtype)
-    x = torch.empty(batch, seq, cfg.hidden_size, device="meta", dtype=dtype)
-    run = measure(norm, x.requires_grad_(True))
-    return run.peak_bytes - run.kept_bytes
+def terms_bytes(terms: list[Term]) -> int:
+    """Total bytes of a list of terms."""
+    return sum(t.bytes for t in terms)
 
 
-def _one_layer_cost(cfg, batch, seq, dtype) -> LayerCost:
+def _chain(cfg: TransformerConfig, batch: int, seq: int, dtype: torch.dtype):
+    """([LayerCost] * num_layers, final norm kept bytes, final norm transient bytes)."""
+    cost, norm_transient = _measured(tuple(dataclasses.astuple(cfg)), batch, seq, dtype)
+    terms = layer_terms(cfg, batch, seq, dtype)
+    cost = dataclasses.replace(cost, kept_none_bytes=terms_bytes(terms))
+    return [cost] * cfg.num_layers, terms_bytes(terms[:2]), norm_transient
+
+
+@functools.lru_cache(maxsize=64)
+def _measured(cfg_fields: tuple, batch: int, seq: int, dtype: torch.dtype):
+    """One layer's LayerCost and the final norm's transient, measured on the meta device
+    (cached: every policy of one configuration shares them)."""
+    cfg = TransformerConfig(*cfg_fields)
     with torch.device("meta"):
         layer = TransformerLayer(cfg).to(dtype)
+        norm = make_norm(cfg).to(dtype)
     x = torch.empty(batch, seq, cfg.hidden_size, device="meta", dtype=dtype)
-    return layer_costs([layer], x)[0]
+    return layer_costs([layer], x)[0], tail_cost(norm, x)[1]
 
 
 def plan(cfg: TransformerConfig, *, batch: int, seq: int, budget_bytes: float,
          dtype: torch.dtype = torch.bfloat16) -> Plan:
     """The checkpoint plan for Transformer(cfg) with least recompute FLOPs whose predicted
     peak fits budget_bytes (see plan_layers); ValueError with the minimum if none does."""
+    estimate(cfg, batch=batch, seq=seq, dtype=dtype)  # checks the arguments
     check_policy("budget", {"budget_bytes": budget_bytes})
-    est = estimate(cfg, batch=batch, seq=seq, policy="none", dtype=dtype)
-    cost = dataclasses.replace(_one_layer_cost(cfg, batch, seq, dtype),
-                               kept_none_bytes=sum(t.bytes for t in est.layer_terms))
-    final_norm = est.layer_terms[0].bytes + est.layer_terms[1].bytes
-    return plan_layers([cost] * cfg.num_layers, budget_bytes, final_norm,
-                       _final_norm_transient(cfg, batch, seq, dtype))
+    costs, final_norm, norm_transient = _chain(cfg, batch, seq, dtype)
+    return plan_layers(costs, budget_bytes, final_norm, norm_transient)

@@ -150,7 +150,8 @@ class _Recorder(TorchDispatchMode):
 def measure(model: torch.nn.Module, *inputs, **kwargs) -> Measurement:
     """Run model(*inputs, **kwargs) forward and backward once and measure it.
 
-    The loss is the sum of the floating-point outputs. Parameter gradients are
+    The loss is the sum of the floating-point outputs, whose gradient is materialized
+    in the output's dtype as a real loss would make it. Parameter gradients are
     accumulated as in a training step and then restored to what they were.
     """
     if not isinstance(model, torch.nn.Module):
@@ -219,7 +220,9 @@ def _forward_loss(model, inputs, kwargs) -> torch.Tensor:
     if not outputs:
         raise ValueError("model's output has no floating-point tensor that requires grad; "
                          "nothing to measure")
-    return sum(t.float().sum() for t in outputs)
+    # "* 1.0" makes the backward materialize the output's gradient in its own dtype, as
+    # a loss head or a following layer would (a bare sum() passes an expanded scalar)
+    return sum((t * 1.0).float().sum() for t in outputs)
 
 
 def _state_storages(model: torch.nn.Module) -> set[int]:

@@ -3,10 +3,12 @@
 A plan splits the chain into segments (ckpt_attn.checkpointing.Segment). Its cost
 is the recompute FLOPs; its memory is
 
-    peak = max over segments s of (kept by segments 0..s + transient of s)
+    peak = max(base + kept by all segments + base transient,
+               max over segments s of (kept by segments 0..s + transient of s))
 
-since the backward walks the chain from the end, freeing what later segments kept,
-and a segment's transient is what its own backward brings back on top of that
+since the backward starts with what follows the layers (base: a final norm, say) and
+then walks the chain from the end, freeing what later segments kept; a segment's
+transient is what its own backward brings back on top of that
 (recomputed activations, gradients in flight). plan_layers finds the plan with least
 recompute whose peak fits a budget, exactly, by dynamic programming over the chain
 (in the spirit of Chen et al. 2016 and Rotor): at every layer boundary it keeps the
@@ -95,8 +97,10 @@ def plan_cost(costs: list[LayerCost], segments: list[Segment], base_bytes: int =
         kept += seg_kept
         peak = max(peak, kept + transient)
         recompute += seg_recompute
-    peak = max(peak, kept + base_transient)
-    return Plan(list(segments), base_bytes + kept, base_bytes + peak, recompute)
+    # the backward starts with what follows the layers; its kept bytes are freed by the
+    # time the last segment's backward runs
+    peak = max(peak, base_bytes + kept + base_transient)
+    return Plan(list(segments), base_bytes + kept, peak, recompute)
 
 
 def plan_layers(costs: list[LayerCost], budget_bytes: float, base_bytes: int = 0,
@@ -108,10 +112,10 @@ def plan_layers(costs: list[LayerCost], budget_bytes: float, base_bytes: int = 0
     (kept bytes, recompute FLOPs) of the feasible plans of each prefix; a segment is
     feasible when the prefix's kept bytes plus its own kept bytes and transient fit.
     """
-    room = budget_bytes - base_bytes
     fronts = _fronts(costs, lambda kept, seg_kept, transient, recompute, seg_recompute: (
-        recompute + seg_recompute if kept + seg_kept + transient <= room else None))
-    fits = [point for point in fronts[-1] if point[0] + base_transient <= room]
+        recompute + seg_recompute if kept + seg_kept + transient <= budget_bytes else None))
+    fits = [point for point in fronts[-1]
+            if base_bytes + point[0] + base_transient <= budget_bytes]
     if not fits:
         floor = min_peak(costs, base_bytes, base_transient)
         raise ValueError(f"budget_bytes ({gib(budget_bytes)}) is below the smallest peak any "
@@ -125,7 +129,7 @@ def min_peak(costs: list[LayerCost], base_bytes: int = 0, base_transient: int = 
     """The smallest predicted peak over all plans."""
     fronts = _fronts(costs, lambda kept, seg_kept, transient, peak, seg_recompute: max(
         peak, kept + seg_kept + transient))
-    return base_bytes + min(max(peak, kept + base_transient) for kept, peak, _ in fronts[-1])
+    return min(max(peak, base_bytes + kept + base_transient) for kept, peak, _ in fronts[-1])
 
 
 def _fronts(costs, extend):
@@ -177,6 +181,14 @@ def layer_costs(layers, x: torch.Tensor, *args, **kwargs) -> list[LayerCost]:
             cache[signature] = _measure_layer(layer, x, args, kwargs)
         costs.append(cache[signature])
     return costs
+
+
+def tail_cost(module: torch.nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """(kept bytes, transient bytes) of a module that follows the layers (a final norm),
+    for an input like x, measured on the meta device."""
+    with torch.random.fork_rng(devices=[]):
+        run = measure(_meta_copy(module), _meta(x).requires_grad_(True))
+    return run.kept_bytes, run.peak_bytes - run.kept_bytes
 
 
 def _meta_copy(layer: torch.nn.Module) -> torch.nn.Module:

@@ -1,0 +1,312 @@
+"""The ckpt-attn command line: activation-memory estimates, budget plans, benchmarks.
+
+    ckpt-attn estimate --preset llama-7b --seq 4096 [--json] [--plot pareto.png]
+    ckpt-attn plan --preset llama-7b --seq 4096 --budget 40GiB
+    ckpt-attn bench [--quick] [--out DIR]
+
+Also ``python -m ckpt_attn``. Bad input exits with status 2 and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import re
+import sys
+from collections.abc import Sequence
+from decimal import Decimal
+from pathlib import Path
+
+import torch
+
+from .memory import estimate, plan
+from .memory.report import GIB, gib
+from .modules.config import MLPS, NORMS, TransformerConfig
+
+PROG = "ckpt-attn"
+
+PRESETS = {
+    "gpt2": dict(num_layers=12, hidden_size=768, num_heads=12, ffn_hidden_size=3072,
+                 mlp="gelu", norm="layernorm", bias=True, max_seq_len=1024),
+    "llama-7b": dict(num_layers=32, hidden_size=4096, num_heads=32, ffn_hidden_size=11008,
+                     mlp="swiglu", norm="rmsnorm"),
+    "llama-3-8b": dict(num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=8,
+                       ffn_hidden_size=14336, rope_theta=500000.0, max_seq_len=8192),
+    "llama-70b": dict(num_layers=80, hidden_size=8192, num_heads=64, num_kv_heads=8,
+                      ffn_hidden_size=28672, rope_theta=500000.0, max_seq_len=8192),
+}
+"""Common model shapes, as TransformerConfig arguments."""
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+POLICIES = [("none", {}), ("full", {}), ("sqrt", {}), ("selective", {}),
+            ("uniform", {"every": 2}), ("ratio", {"ratio": 0.5})]
+"""The policies `estimate` compares, with their options."""
+
+UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+# command-line flag of each TransformerConfig field (and estimate/plan argument)
+FLAGS = {"num_layers": "--layers", "hidden_size": "--hidden", "num_heads": "--heads",
+         "num_kv_heads": "--kv-heads", "ffn_hidden_size": "--ffn", "mlp": "--mlp",
+         "norm": "--norm", "dropout": "--dropout", "batch": "--batch", "seq": "--seq",
+         "max_seq_len": "--seq", "budget_bytes": "--budget"}
+# the config fields the model flags set, by argparse destination
+MODEL_FLAGS = {"layers": "num_layers", "hidden": "hidden_size", "heads": "num_heads",
+               "kv_heads": "num_kv_heads", "ffn": "ffn_hidden_size", "mlp": "mlp",
+               "norm": "norm", "dropout": "dropout"}
+PLOT_BUDGETS = 10  # evenly spaced budgets the --plot frontier sweeps
+
+
+class UsageError(Exception):
+    """Bad command-line input: main prints it as one line and returns 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are UsageErrors (one line, no usage block)."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def parse_bytes(text: str) -> int:
+    """Bytes from "123456" or a number and a unit ("40GiB", "1.5 gb"): B, KB, MB, GB, TB
+    (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024), any case. Fractions of a byte
+    are dropped; ValueError unless the result is at least one byte."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*", text, re.IGNORECASE)
+    if not match or match.group(2).lower() not in UNITS | {"": 1}:
+        raise ValueError(f"cannot read {text!r} as bytes: expected a number, optionally with "
+                         f"a unit B, KB, MB, GB, TB, KiB, MiB, GiB or TiB (e.g. 40GiB)")
+    number, unit = match.groups()
+    nbytes = int(Decimal(number) * UNITS.get(unit.lower(), 1))
+    if nbytes < 1:
+        raise ValueError(f"{text!r} is less than one byte")
+    return nbytes
+
+
+def _budget(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _flags(message: str) -> str:
+    """A library error message with config field names replaced by their flags."""
+    return re.sub(r"\b(" + "|".join(FLAGS) + r")\b", lambda m: FLAGS[m.group(1)], message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ckpt-attn argument parser."""
+    model = _Parser(add_help=False)
+    shape = model.add_argument_group("model and input (flags override --preset)")
+    shape.add_argument("--preset", choices=PRESETS, help="a common model shape")
+    shape.add_argument("--layers", type=int, help="number of layers")
+    shape.add_argument("--hidden", type=int, help="hidden size")
+    shape.add_argument("--heads", type=int, help="query heads")
+    shape.add_argument("--kv-heads", type=int, help="key/value heads (default: --heads)")
+    shape.add_argument("--ffn", type=int, help="MLP width (default: Llama's rule, 4x for gelu)")
+    shape.add_argument("--mlp", choices=MLPS)
+    shape.add_argument("--norm", choices=NORMS)
+    shape.add_argument("--dropout", type=float)
+    shape.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    shape.add_argument("--seq", type=int,
+                       help="sequence length (default: the preset's max_seq_len, else 4096)")
+    shape.add_argument("--dtype", choices=DTYPES, default="bf16", help="default bf16")
+
+    parser = _Parser(prog=PROG, description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    est = commands.add_parser("estimate", parents=[model], help="memory and recompute of "
+                              "each checkpoint policy", description="Predicted activation "
+                              "memory and recompute of each checkpoint policy.")
+    est.add_argument("--json", action="store_true", help="print the estimates as JSON")
+    est.add_argument("--plot", type=Path, metavar="FILE.png",
+                     help="also plot peak memory against recompute (needs matplotlib)")
+    pln = commands.add_parser("plan", parents=[model], help="the least-recompute plan that "
+                              "fits a memory budget", description="The checkpoint plan with "
+                              "least recompute whose predicted peak fits --budget.")
+    pln.add_argument("--budget", type=_budget, required=True,
+                     help="peak activation memory: bytes, or e.g. 40GiB, 1.5GB")
+    commands.add_parser("bench", add_help=False, help="run the attention benchmarks "
+                        "(arguments go to benchmarks.bench_attention; try bench --help)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ckpt-attn command line on argv (default sys.argv[1:]); the exit status."""
+    try:
+        args, rest = build_parser().parse_known_args(argv)
+        if args.command == "bench":
+            return _bench(rest)
+        if rest:
+            raise UsageError(f"unrecognized arguments: {' '.join(rest)}")
+        return _estimate(args) if args.command == "estimate" else _plan(args)
+    except UsageError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    except SystemExit as exit_:  # --help, or the benchmark's own parser
+        return 0 if exit_.code is None else exit_.code
+
+
+def model_config(args: argparse.Namespace) -> tuple[TransformerConfig, int]:
+    """The TransformerConfig and sequence length the model flags describe."""
+    kwargs = dict(PRESETS[args.preset]) if args.preset else {}
+    kwargs |= {field: getattr(args, dest) for dest, field in MODEL_FLAGS.items()
+               if getattr(args, dest) is not None}
+    missing = [FLAGS[f] for f in ("num_layers", "hidden_size", "num_heads") if f not in kwargs]
+    if missing:
+        raise UsageError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                         f"required without --preset")
+    max_seq_len = kwargs.get("max_seq_len", _default("max_seq_len"))
+    seq = max_seq_len if args.seq is None else args.seq
+    for flag, value in (("--batch", args.batch), ("--seq", seq)):
+        if value < 1:
+            raise UsageError(f"{flag} must be a positive int, got {value}")
+    try:
+        cfg = TransformerConfig(**kwargs | {"max_seq_len": max(max_seq_len, seq)})
+    except (TypeError, ValueError) as error:
+        raise UsageError(_flags(str(error))) from None
+    return cfg, seq
+
+
+def _default(field: str):
+    return next(f.default for f in dataclasses.fields(TransformerConfig) if f.name == field)
+
+
+def describe(cfg: TransformerConfig, args: argparse.Namespace, seq: int) -> str:
+    """One line: the model and input the numbers are for."""
+    preset = f"{args.preset} " if args.preset else ""
+    return (f"config: {preset}{cfg.num_layers} layers, hidden {cfg.hidden_size}, "
+            f"{cfg.num_heads} heads ({cfg.num_kv_heads} kv), ffn {cfg.ffn_hidden_size}, "
+            f"{cfg.mlp}, {cfg.norm}{', bias' if cfg.bias else ''}, dropout {cfg.dropout:g}; "
+            f"batch {args.batch}, seq {seq}, {args.dtype}")
+
+
+def policy_label(policy: str, options: dict) -> str:
+    """"uniform(every=2)" for estimate's policy "uniform" with every=2."""
+    inner = ",".join(f"{k}={v}" for k, v in options.items())
+    return f"{policy}({inner})" if inner else policy
+
+
+def estimate_table(estimates: list, labels: list[str]) -> str:
+    """The estimates as a table: kept, peak and naive-attention kept GiB, recompute %."""
+    rows = [f"{'policy':<18} {'kept GiB':>9} {'peak GiB':>9} {'recompute %':>12} "
+            f"{'naive kept GiB':>15}"]
+    for label, est in zip(labels, estimates, strict=True):
+        rows.append(f"{label:<18} {est.kept_bytes / GIB:9.2f} {est.peak_bytes / GIB:9.2f} "
+                    f"{100 * est.recompute_overhead:12.1f} {est.naive_kept_bytes / GIB:15.2f}")
+    return "\n".join(rows)
+
+
+def _estimate(args) -> int:
+    cfg, seq = model_config(args)
+    figure_class = _matplotlib_figure() if args.plot else None
+    dtype = DTYPES[args.dtype]
+    estimates = [estimate(cfg, batch=args.batch, seq=seq, policy=policy, dtype=dtype, **options)
+                 for policy, options in POLICIES]
+    labels = [policy_label(policy, options) for policy, options in POLICIES]
+    if args.json:
+        print(json.dumps([est.to_dict() | {"options": options}
+                          for est, (_, options) in zip(estimates, POLICIES, strict=True)],
+                         indent=2))
+    else:
+        print(describe(cfg, args, seq))
+        print(estimate_table(estimates, labels))
+    if args.plot:
+        frontier = budget_frontier(cfg, args.batch, seq, dtype, estimates)
+        write_plot(figure_class(), args.plot, estimates, labels, frontier,
+                   describe(cfg, args, seq))
+        if not args.json:
+            print(f"wrote {args.plot}")
+    return 0
+
+
+def _matplotlib_figure():
+    """matplotlib.figure.Figure, imported lazily: a UsageError if matplotlib is missing."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UsageError("--plot needs matplotlib: pip install 'ckpt-attn[plot]'") from None
+    return Figure
+
+
+def budget_frontier(cfg, batch, seq, dtype, estimates) -> list[tuple[float, float]]:
+    """(peak GiB, recompute %) of plan() at budgets evenly spaced from the smallest to the
+    largest peak of the estimates, and at each estimate's peak; sorted by peak, one point
+    per distinct plan."""
+    peaks = [est.peak_bytes for est in estimates]
+    low, high = min(peaks), max(peaks)
+    budgets = {low + (high - low) * i // (PLOT_BUDGETS - 1) for i in range(PLOT_BUDGETS)}
+    step_flops = estimates[0].step_flops
+    points = set()
+    for budget in sorted(budgets | set(peaks)):
+        try:
+            best = plan(cfg, batch=batch, seq=seq, budget_bytes=budget, dtype=dtype)
+        except ValueError:  # below the smallest peak any plan reaches
+            continue
+        points.add((best.peak_bytes / GIB, 100 * (best.recompute_flops / step_flops)))
+    return sorted(points)
+
+
+def write_plot(figure, path: Path, estimates, labels, frontier, title: str) -> None:
+    """Write the memory-compute plot: each policy a labelled point, plans a step line."""
+    points = {}  # policies with the same cost share a point and a label
+    for est, label in zip(estimates, labels, strict=True):
+        points.setdefault((est.peak_bytes / GIB, 100 * est.recompute_overhead), []).append(label)
+    ax = figure.add_subplot()
+    for (x, y), names in points.items():
+        ax.scatter([x], [y], zorder=3)
+        ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(5, 5),
+                    fontsize=8)
+    if frontier:
+        ax.plot(*zip(*frontier, strict=True), drawstyle="steps-post", marker=".",
+                color="gray", label="plan(budget) frontier")
+        ax.legend()
+    ax.set_xlabel("peak activation memory (GiB)")
+    ax.set_ylabel("recompute (% of a training step's FLOPs)")
+    ax.set_title(title.removeprefix("config: "), fontsize=7, wrap=True)
+    ax.grid(alpha=0.3)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def _plan(args) -> int:
+    cfg, seq = model_config(args)
+    dtype = DTYPES[args.dtype]
+    try:
+        best = plan(cfg, batch=args.batch, seq=seq, budget_bytes=args.budget, dtype=dtype)
+    except ValueError as error:
+        raise UsageError(_flags(str(error))) from None
+    step_flops = estimate(cfg, batch=args.batch, seq=seq, dtype=dtype).step_flops
+    print(describe(cfg, args, seq))
+    print(f"budget: {gib(args.budget)} ({args.budget} bytes)")
+    print(best)
+    print(f"cost: kept {gib(best.kept_bytes)}, peak {gib(best.peak_bytes)}, recompute "
+          f"{100 * (best.recompute_flops / step_flops):.1f}% of a training step's FLOPs")
+    return 0
+
+
+def _bench(argv: list[str]) -> int:
+    """benchmarks.bench_attention.main(argv), found on sys.path or in this checkout."""
+    try:
+        bench = _import_bench()
+    except ModuleNotFoundError as error:
+        if error.name not in ("benchmarks", "benchmarks.bench_attention"):
+            raise
+        raise UsageError("bench needs the benchmarks/ folder of a ckpt-attn source "
+                         "checkout; an installed ckpt-attn does not include it") from None
+    bench.main(argv)
+    return 0
+
+
+def _import_bench():
+    try:
+        return importlib.import_module("benchmarks.bench_attention")
+    except ModuleNotFoundError as error:
+        root = Path(__file__).resolve().parents[1]  # the checkout, for an editable install
+        if error.name != "benchmarks" or not (root / "benchmarks" / "bench_attention.py") \
+                .is_file():
+            raise
+        sys.path.insert(0, str(root))
+        return importlib.import_module("benchmarks.bench_attention")

@@ -1,0 +1,322 @@
+"""The ckpt-attn command line (ckpt_attn.cli): estimate, plan and bench, and its errors."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ckpt_attn import cli
+from ckpt_attn.cli import main, parse_bytes
+from ckpt_attn.memory import estimate, plan
+from ckpt_attn.memory.report import GIB, gib
+from ckpt_attn.modules.config import TransformerConfig
+
+ROOT = Path(cli.__file__).resolve().parents[1]
+SMALL = ["--layers", "3", "--hidden", "128", "--heads", "4", "--batch", "2", "--seq", "256"]
+SMALL_CFG = TransformerConfig(num_layers=3, hidden_size=128, num_heads=4)  # max_seq_len 4096
+LABELS = ["none", "full", "sqrt", "selective", "uniform(every=2)", "ratio(ratio=0.5)"]
+
+
+def run(capsys, *argv):
+    """main(argv) in-process: (exit status, stdout, stderr)."""
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_usage_error(code, out, err, *fragments):
+    """Exit status 2, nothing on stdout, one line on stderr naming each fragment."""
+    assert code == 2
+    assert out == ""
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    assert err.startswith("ckpt-attn: error: ")
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err
+
+
+def table_rows(out):
+    """{policy label: the other cells} of the table estimate prints."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("policy "))
+    return {cells[0]: cells[1:] for cells in (line.split() for line in lines[start + 1:])
+            if cells and cells[0] in LABELS}
+
+
+def expected_estimates(cfg, batch, seq, dtype=torch.bfloat16):
+    return [estimate(cfg, batch=batch, seq=seq, policy=policy, dtype=dtype, **options)
+            for policy, options in cli.POLICIES]
+
+
+def test_estimate_table_of_a_preset_has_every_policy_with_estimates_numbers(capsys):
+    code, out, err = run(capsys, "estimate", "--preset", "llama-7b")
+    assert code == 0 and err == ""
+    config_line = out.splitlines()[0]
+    assert config_line == ("config: llama-7b 32 layers, hidden 4096, 32 heads (32 kv), "
+                           "ffn 11008, swiglu, rmsnorm, dropout 0; batch 1, seq 4096, bf16")
+    cfg = TransformerConfig(num_layers=32, hidden_size=4096, num_heads=32,
+                            ffn_hidden_size=11008)
+    rows = table_rows(out)
+    assert list(rows) == LABELS
+    for label, est in zip(LABELS, expected_estimates(cfg, 1, 4096), strict=True):
+        assert rows[label] == [f"{est.kept_bytes / GIB:.2f}", f"{est.peak_bytes / GIB:.2f}",
+                               f"{100 * est.recompute_overhead:.1f}",
+                               f"{est.naive_kept_bytes / GIB:.2f}"]
+    assert rows["none"][2] == "0.0"
+    assert float(rows["full"][1]) < float(rows["none"][1])  # full checkpointing saves memory
+
+
+def model_config(*argv):
+    args = cli.build_parser().parse_args(["estimate", *argv])
+    return cli.model_config(args)
+
+
+def test_explicit_flags_override_the_preset_and_max_seq_len_covers_seq():
+    cfg, seq = model_config("--preset", "llama-3-8b", "--layers", "2", "--hidden", "512",
+                            "--heads", "16", "--dropout", "0.1")
+    assert cfg == TransformerConfig(num_layers=2, hidden_size=512, num_heads=16, num_kv_heads=8,
+                                    ffn_hidden_size=14336, dropout=0.1, rope_theta=500000.0,
+                                    max_seq_len=8192)
+    assert seq == 8192  # the preset's max_seq_len
+    cfg, seq = model_config("--preset", "gpt2", "--mlp", "swiglu", "--norm", "rmsnorm",
+                            "--kv-heads", "4", "--ffn", "1000", "--seq", "3000")
+    assert cfg == TransformerConfig(num_layers=12, hidden_size=768, num_heads=12, num_kv_heads=4,
+                                    ffn_hidden_size=1000, mlp="swiglu", norm="rmsnorm",
+                                    bias=True, max_seq_len=3000)
+    assert seq == 3000
+    cfg, seq = model_config(*SMALL)
+    assert cfg == SMALL_CFG and seq == 256
+    assert model_config("--layers", "1", "--hidden", "64", "--heads", "2")[1] == 4096
+
+
+def test_estimate_with_flags_over_a_preset_prints_that_models_numbers(capsys):
+    code, out, _ = run(capsys, "estimate", "--preset", "llama-3-8b", "--layers", "2",
+                       "--hidden", "256", "--heads", "8", "--ffn", "512", "--seq", "128")
+    assert code == 0
+    assert out.splitlines()[0] == ("config: llama-3-8b 2 layers, hidden 256, 8 heads (8 kv), "
+                                   "ffn 512, swiglu, rmsnorm, dropout 0; batch 1, seq 128, bf16")
+    cfg = TransformerConfig(num_layers=2, hidden_size=256, num_heads=8, num_kv_heads=8,
+                            ffn_hidden_size=512, rope_theta=500000.0, max_seq_len=8192)
+    rows = table_rows(out)
+    for label, est in zip(LABELS, expected_estimates(cfg, 1, 128), strict=True):
+        assert rows[label][:2] == [f"{est.kept_bytes / GIB:.2f}", f"{est.peak_bytes / GIB:.2f}"]
+
+
+def test_json_is_the_estimates_to_dict(capsys):
+    code, out, err = run(capsys, "estimate", *SMALL, "--mlp", "gelu", "--norm", "layernorm",
+                         "--dropout", "0.1", "--kv-heads", "2", "--dtype", "fp32", "--json")
+    assert code == 0 and err == ""
+    entries = json.loads(out)
+    cfg = TransformerConfig(num_layers=3, hidden_size=128, num_heads=4, num_kv_heads=2,
+                            mlp="gelu", norm="layernorm", dropout=0.1)
+    expected = expected_estimates(cfg, 2, 256, torch.float32)
+    assert [e["policy"] for e in entries] == [p for p, _ in cli.POLICIES]
+    for entry, est, (_, options) in zip(entries, expected, cli.POLICIES, strict=True):
+        assert entry == est.to_dict() | {"options": options}
+        assert entry["layer_terms"] and entry["layer_terms"][0]["bytes"] > 0
+
+
+def test_plot_writes_a_png_with_the_budget_frontier(capsys, tmp_path, monkeypatch):
+    frontiers = []
+    frontier = cli.budget_frontier
+    monkeypatch.setattr(cli, "budget_frontier",
+                        lambda *a: frontiers.append(frontier(*a)) or frontiers[-1])
+    path = tmp_path / "pareto.png"
+    code, out, _ = run(capsys, "estimate", *SMALL, "--plot", str(path))
+    assert code == 0
+    assert f"wrote {path}" in out
+    data = path.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000
+    # the frontier: plans at budgets up to the largest policy peak, each policy's peak
+    # among them; more memory, less recompute; no worse than any policy at its own peak;
+    # no recompute at the largest ("none" fits)
+    estimates = expected_estimates(SMALL_CFG, 2, 256)
+    (points,) = frontiers
+    peaks, overheads = zip(*points, strict=True)
+    assert len(points) >= 2 and list(peaks) == sorted(peaks)
+    assert list(overheads) == sorted(overheads, reverse=True)
+    for est in estimates:
+        assert min(o for p, o in points if p <= est.peak_bytes / GIB) \
+            <= 100 * est.recompute_overhead
+    assert peaks[-1] <= max(e.peak_bytes for e in estimates) / GIB and overheads[-1] == 0
+
+
+def test_plot_without_matplotlib_is_a_one_line_error(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    path = tmp_path / "pareto.png"
+    assert_usage_error(*run(capsys, "estimate", *SMALL, "--plot", str(path)),
+                       "--plot", "matplotlib")
+    assert not path.exists()
+
+
+def test_plan_prints_the_plan_and_its_cost_within_the_budget(capsys):
+    none, full = (estimate(SMALL_CFG, batch=2, seq=256, policy=p) for p in ("none", "full"))
+    budget = (none.peak_bytes + full.peak_bytes) // 2
+    code, out, err = run(capsys, "plan", *SMALL, "--budget", str(budget))
+    assert code == 0 and err == ""
+    best = plan(SMALL_CFG, batch=2, seq=256, budget_bytes=budget)
+    assert best.peak_bytes <= budget
+    assert any(s.mode != "none" for s in best.segments)
+    overhead = 100 * (best.recompute_flops / none.step_flops)
+    assert out.splitlines()[1:] == [
+        f"budget: {gib(budget)} ({budget} bytes)",
+        str(best),
+        f"cost: kept {gib(best.kept_bytes)}, peak {gib(best.peak_bytes)}, "
+        f"recompute {overhead:.1f}% of a training step's FLOPs"]
+    for segment in best.segments:
+        assert f"{segment.mode}[{segment.start}" in out
+
+
+def test_plan_with_a_budget_in_units(capsys):
+    code, out, _ = run(capsys, "plan", *SMALL, "--budget", "1.5gib")
+    assert code == 0
+    assert "budget: 1.50 GiB (1610612736 bytes)" in out
+    assert out.rstrip().endswith("recompute 0.0% of a training step's FLOPs")
+
+
+def test_plan_below_the_smallest_peak_prints_the_minimum(capsys):
+    code, out, err = run(capsys, "plan", *SMALL, "--budget", "1KiB")
+    assert_usage_error(code, out, err, "--budget", "smallest peak")
+    floor = int(re.search(r"\((\d+) bytes\)", err).group(1))
+    assert run(capsys, "plan", *SMALL, "--budget", str(floor))[0] == 0
+    assert_usage_error(*run(capsys, "plan", *SMALL, "--budget", str(floor - 1)), "--budget")
+
+
+@pytest.mark.parametrize("text, nbytes", [
+    ("123456", 123456), ("1B", 1), ("1b", 1), ("1KB", 1000), ("1kb", 1000), ("1KiB", 1024),
+    ("0.5kib", 512), (".5KB", 500), ("2 MB", 2_000_000), ("3MiB", 3 * 2**20),
+    ("1.1GB", 1_100_000_000), ("7gb", 7 * 10**9), ("40GiB", 40 * 2**30),
+    ("1.5GiB", 1_610_612_736), ("40GIB", 40 * 2**30), ("1TB", 10**12), ("2tib", 2 * 2**40),
+    ("1.", 1), ("1.9B", 1), (" 8 GiB ", 8 * 2**30),
+])
+def test_parse_bytes(text, nbytes):
+    assert parse_bytes(text) == nbytes
+
+
+@pytest.mark.parametrize("text", [
+    "", " ", "GiB", "abc", "-1GiB", "+1GiB", "1e9", "1.5.2GB", "40G", "40Gi", "40 GiBs", "0",
+    "0GiB", "0.1B", "nan", "inf", "1,000", "1 000", "GiB40", "1_000",
+])
+def test_parse_bytes_rejects(text):
+    with pytest.raises(ValueError):
+        parse_bytes(text)
+
+
+BAD_MODEL = [
+    (["--layers", "0"], "--layers must be a positive int, got 0"),
+    (["--layers", "-2"], "--layers must be a positive int, got -2"),
+    (["--layers", "x"], "--layers"),
+    (["--hidden", "0"], "--hidden must be a positive int, got 0"),
+    (["--hidden", "-128"], "--hidden must be a positive int, got -128"),
+    (["--heads", "0"], "--heads must be a positive int, got 0"),
+    (["--heads", "-4"], "--heads must be a positive int, got -4"),
+    (["--heads", "5"], "--heads (5) must divide --hidden (128)"),
+    (["--hidden", "1024", "--heads", "2"],
+     "--hidden / --heads (head dim) must be even and at most 256, got 512"),
+    (["--kv-heads", "3"], "--kv-heads (3) must divide --heads (4)"),
+    (["--kv-heads", "0"], "--kv-heads must be a positive int, got 0"),
+    (["--ffn", "0"], "--ffn must be a positive int, got 0"),
+    (["--ffn", "-1"], "--ffn must be a positive int, got -1"),
+    (["--batch", "0"], "--batch must be a positive int, got 0"),
+    (["--batch", "-1"], "--batch must be a positive int, got -1"),
+    (["--seq", "0"], "--seq must be a positive int, got 0"),
+    (["--seq", "-256"], "--seq must be a positive int, got -256"),
+    (["--dropout", "1"], "--dropout must be a float in [0, 1), got 1.0"),
+    (["--dropout", "-0.1"], "--dropout must be a float in [0, 1), got -0.1"),
+    (["--dropout", "nan"], "--dropout"),
+    (["--mlp", "relu"], "--mlp"),
+    (["--dtype", "fp64"], "--dtype"),
+    (["--preset", "gpt5"], "--preset"),
+]
+
+
+@pytest.mark.parametrize("command", ["estimate", "plan"])
+@pytest.mark.parametrize("flags, message", BAD_MODEL)
+def test_bad_model_flags_exit_2_with_one_line_naming_the_flag(capsys, command, flags, message):
+    budget = ["--budget", "1GiB"] if command == "plan" else []
+    assert_usage_error(*run(capsys, command, *SMALL, *flags, *budget), message)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["estimate", "--hidden", "128", "--heads", "4"], "--layers is required without --preset"),
+    (["estimate", "--heads", "4"], "--layers, --hidden are required without --preset"),
+    (["estimate", "--preset", "llama-3-8b", "--heads", "12", "--hidden", "768"],
+     "--kv-heads (8) must divide --heads (12)"),
+    (["estimate", "--preset", "gpt2", "--hidden", "770"], "--heads (12) must divide --hidden"),
+    (["estimate", *SMALL, "extra"], "unrecognized arguments: extra"),
+    (["plan", *SMALL], "--budget"),
+    (["plan", *SMALL, "--budget", "40G"], "--budget"),
+    (["plan", *SMALL, "--budget", "-1GiB"], "--budget"),
+    (["plan", *SMALL, "--budget", "0"], "--budget"),
+    (["plan", *SMALL, "--budget", "0.5B"], "--budget"),
+    (["frobnicate"], "frobnicate"),
+    ([], "COMMAND"),
+])
+def test_other_bad_input_exits_2_with_one_line(capsys, argv, message):
+    assert_usage_error(*run(capsys, *argv), message)
+
+
+def test_help(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    assert all(command in out for command in ("estimate", "plan", "bench"))
+    code, out, _ = run(capsys, "estimate", "--help")
+    assert code == 0 and "--preset" in out and "--plot" in out
+
+
+def test_bench_forwards_its_arguments_to_the_benchmark(capsys, monkeypatch):
+    bench = pytest.importorskip("benchmarks.bench_attention")
+
+    def must_not_run(*args):
+        raise AssertionError("bench --help ran the benchmarks")
+
+    monkeypatch.setattr(bench, "run_cpu", must_not_run)
+    monkeypatch.setattr(bench, "run_gpu", must_not_run)
+    code, out, _ = run(capsys, "bench", "--help")  # the benchmark's own parser
+    assert code == 0 and "--quick" in out and "--out" in out
+    calls = []
+    monkeypatch.setattr(bench, "main", calls.append)
+    assert run(capsys, "bench", "--quick", "--out", "somewhere")[0] == 0
+    assert run(capsys, "bench")[0] == 0
+    assert calls == [["--quick", "--out", "somewhere"], []]
+
+
+def test_bench_outside_a_checkout_exits_2(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "benchmarks", None)
+    monkeypatch.setitem(sys.modules, "benchmarks.bench_attention", None)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    assert_usage_error(*run(capsys, "bench", "--quick"), "benchmarks")
+
+
+def subprocess_env():
+    return os.environ | {"PYTHONPATH": os.pathsep.join(
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
+def test_python_m_ckpt_attn_exit_status_and_no_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "ckpt_attn", "estimate", "--preset", "llama-3-8b",
+         "--kv-heads", "5"], capture_output=True, text=True, cwd=tmp_path,
+        env=subprocess_env(), timeout=120)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr == "ckpt-attn: error: --kv-heads (5) must divide --heads (32)\n"
+
+
+def test_console_script(tmp_path):
+    script = shutil.which("ckpt-attn", path=os.path.dirname(sys.executable)) \
+        or shutil.which("ckpt-attn")
+    if script is None:
+        pytest.skip("the ckpt-attn console script is not installed")
+    result = subprocess.run([script, "estimate", *SMALL], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(table_rows(result.stdout)) == LABELS

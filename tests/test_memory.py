@@ -1,0 +1,324 @@
+"""ckpt_attn.memory: estimate() against measure() on a grid of configurations and every
+policy (meta device), measure() against an independent saved_tensors_hooks count and
+under FakeTensorMode, the 7B stack measured in seconds, the naive-attention terms
+against a measured naive layer, the planner against brute force, and a budget plan
+measured within its budget."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode
+
+import ckpt_attn
+from ckpt_attn import apply_checkpointing
+from ckpt_attn.checkpointing import Segment
+from ckpt_attn.memory import (
+    LayerCost,
+    estimate,
+    layer_costs,
+    measure,
+    min_peak,
+    plan,
+    plan_cost,
+    plan_layers,
+)
+from ckpt_attn.modules import transformer
+
+POLICIES = [("none", {}), ("full", {}), ("uniform", {"every": 2}), ("sqrt", {}),
+            ("ratio", {"ratio": 0.4}), ("selective", {})]
+GRID = list(itertools.product(["swiglu", "gelu"], ["rmsnorm", "layernorm"], [0.0, 0.1], [4, 1],
+                              [torch.float32, torch.bfloat16]))
+WORST = {}  # the largest relative disagreement seen, per quantity (printed by the last test)
+
+
+def meta_model(cfg, dtype):
+    with torch.device("meta"):
+        return ckpt_attn.Transformer(cfg).to(dtype)
+
+
+def agree(what, predicted, measured):
+    error = abs(predicted - measured) / max(measured, 1)
+    WORST[what] = max(WORST.get(what, 0.0), error)
+    assert error <= 0.01, f"{what}: estimate {predicted} vs measure {measured}"
+
+
+@pytest.mark.parametrize("mlp, norm, dropout, kv_heads, dtype", GRID)
+def test_estimate_agrees_with_measure(mlp, norm, dropout, kv_heads, dtype):
+    cfg = ckpt_attn.TransformerConfig(num_layers=5, hidden_size=128, num_heads=4,
+                                      num_kv_heads=kv_heads, mlp=mlp, norm=norm, dropout=dropout,
+                                      bias=norm == "layernorm")
+    model = meta_model(cfg, dtype)
+    x = torch.empty(2, 96, 128, device="meta", dtype=dtype)
+    for policy, options in POLICIES:
+        apply_checkpointing(model, policy, **options)
+        run = measure(model, x)
+        predicted = estimate(cfg, batch=2, seq=96, policy=policy, dtype=dtype, **options)
+        agree("kept", predicted.kept_bytes, run.kept_bytes)
+        agree("peak", predicted.peak_bytes, run.peak_bytes)
+        agree("recompute", predicted.recompute_flops, run.recompute_flops)
+        agree("step", predicted.step_flops, run.total_flops - run.recompute_flops)
+
+
+@pytest.mark.parametrize("storage", ["int8", "fp8"])
+@pytest.mark.parametrize("policy, options", [("full", {}), ("sqrt", {})])
+def test_estimate_quantized_storage(storage, policy, options):
+    cfg = ckpt_attn.TransformerConfig(num_layers=4, hidden_size=128, num_heads=4)
+    model = meta_model(cfg, torch.bfloat16)
+    apply_checkpointing(model, policy, storage=storage, **options)
+    run = measure(model, torch.empty(2, 64, 128, device="meta", dtype=torch.bfloat16))
+    predicted = estimate(cfg, batch=2, seq=64, policy=policy, storage=storage, **options)
+    agree("kept", predicted.kept_bytes, run.kept_bytes)
+    agree("peak", predicted.peak_bytes, run.peak_bytes)
+
+
+def test_estimate_budget_policy_agrees_with_measure():
+    cfg = ckpt_attn.TransformerConfig(num_layers=6, hidden_size=128, num_heads=4)
+    model = meta_model(cfg, torch.bfloat16)
+    x = torch.empty(2, 64, 128, device="meta", dtype=torch.bfloat16)
+    none = estimate(cfg, batch=2, seq=64, policy="none")
+    budget = none.peak_bytes // 2
+    apply_checkpointing(model, "budget", budget_bytes=budget)
+    run = measure(model, x)
+    predicted = estimate(cfg, batch=2, seq=64, policy="budget", budget_bytes=budget)
+    assert run.peak_bytes <= budget
+    agree("peak", predicted.peak_bytes, run.peak_bytes)
+    agree("recompute", predicted.recompute_flops, run.recompute_flops)
+
+
+def test_cpu_offload_estimate_moves_kept_bytes_to_host():
+    cfg = ckpt_attn.TransformerConfig(num_layers=4, hidden_size=128, num_heads=4)
+    device = estimate(cfg, batch=2, seq=64, policy="none")
+    offload = estimate(cfg, batch=2, seq=64, policy="none", storage="cpu")
+    final_norm = 2 * 64 * 128 * 2 + 2 * 64 * 4
+    assert offload.kept_bytes == final_norm
+    assert offload.offloaded_bytes == device.kept_bytes - final_norm
+    assert offload.peak_bytes < device.peak_bytes
+
+
+# --- measure itself -------------------------------------------------------------------
+
+def hooks_count(model, *inputs) -> int:
+    state = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage()._cdata not in state:
+            saved[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(*inputs)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("policy", ["none", "full", "sqrt", "ratio"])
+def test_measure_matches_saved_tensors_hooks(policy):
+    torch.manual_seed(0)
+    cfg = ckpt_attn.TransformerConfig(num_layers=4, hidden_size=64, num_heads=4, dropout=0.1,
+                                      backend="torch")
+    model = ckpt_attn.Transformer(cfg)
+    apply_checkpointing(model, policy, **({"ratio": 0.5} if policy == "ratio" else {}))
+    x = torch.randn(2, 17, 64, requires_grad=True)
+    assert measure(model, x).kept_bytes == hooks_count(model, x)
+    mlp = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
+    apply_checkpointing(mlp, policy, **({"ratio": 0.5} if policy == "ratio" else {}))
+    z = torch.randn(5, 16)
+    assert measure(mlp, z).kept_bytes == hooks_count(mlp, z)
+
+
+def test_measure_flops_match_flop_counter_mode():
+    torch.manual_seed(0)
+    cfg = ckpt_attn.TransformerConfig(num_layers=3, hidden_size=64, num_heads=4, backend="torch")
+    model = apply_checkpointing(ckpt_attn.Transformer(cfg), "full")
+    x = torch.randn(2, 17, 64)
+    with FlopCounterMode(display=False) as counter:
+        model(x).sum().backward()
+    run = measure(model, x)
+    assert run.total_flops == counter.get_total_flops()
+    assert [layer.forward_flops for layer in run.layers] == [run.forward_flops // 3] * 3
+    assert sum(layer.recompute_flops for layer in run.layers) == run.recompute_flops
+
+
+def test_measure_restores_gradients_and_works_under_fake_tensors():
+    cfg = ckpt_attn.TransformerConfig(num_layers=2, hidden_size=64, num_heads=4, backend="torch")
+    model = ckpt_attn.Transformer(cfg)
+    x = torch.randn(2, 9, 64)
+    assert all(p.grad is None for p in model.parameters())
+    real = measure(model, x)
+    assert all(p.grad is None for p in model.parameters())
+    with FakeTensorMode():
+        fake_model = ckpt_attn.Transformer(cfg)
+        fake = measure(fake_model, torch.empty(2, 9, 64))
+    assert (fake.kept_bytes, fake.peak_bytes, fake.total_flops) == \
+        (real.kept_bytes, real.peak_bytes, real.total_flops)
+
+
+def test_7b_stack_on_the_meta_device_in_seconds():
+    cfg = ckpt_attn.TransformerConfig(num_layers=32, hidden_size=4096, num_heads=32)
+    model = meta_model(cfg, torch.bfloat16)
+    start = time.perf_counter()
+    run = measure(model, torch.empty(4, 2048, 4096, device="meta", dtype=torch.bfloat16))
+    assert time.perf_counter() - start < 60
+    predicted = estimate(cfg, batch=4, seq=2048, policy="none")
+    assert (run.kept_bytes, run.peak_bytes) == (predicted.kept_bytes, predicted.peak_bytes)
+    assert run.kept_bytes == 40_368_111_616  # 37.60 GiB
+
+
+def test_measure_bad_input():
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        measure(lambda x: x, torch.randn(2))
+    with pytest.raises(ValueError, match="requires grad"):
+        measure(torch.nn.Identity(), torch.randn(2))
+
+
+# --- naive attention, for comparison --------------------------------------------------
+
+def naive_attention(q, k, v, attn_mask=None, dropout_p=0.0, causal=False, backend=None):
+    """softmax(q k^T / sqrt(D)) v in plain PyTorch, GQA by repeat_interleave."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    if causal:
+        seq = q.shape[2]
+        scores = scores + torch.full((seq, seq), float("-inf"), dtype=q.dtype,
+                                     device=q.device).triu(1)
+    probs = transformer.dropout(scores.softmax(-1), dropout_p, dropout_p > 0)
+    return probs @ v
+
+
+@pytest.mark.parametrize("policy", ["none", "selective", "sqrt"])
+@pytest.mark.parametrize("kv_heads, dropout", [(4, 0.0), (2, 0.1)])
+def test_naive_attention_terms_match_a_measured_naive_layer(monkeypatch, policy, kv_heads,
+                                                            dropout):
+    cfg = ckpt_attn.TransformerConfig(num_layers=2, hidden_size=64, num_heads=4,
+                                      num_kv_heads=kv_heads, dropout=dropout)
+    model = apply_checkpointing(meta_model(cfg, torch.bfloat16), policy)
+    predicted = estimate(cfg, batch=2, seq=48, policy=policy).naive_kept_bytes
+    monkeypatch.setattr(transformer, "attention", naive_attention)
+    run = measure(model, torch.empty(2, 48, 64, device="meta", dtype=torch.bfloat16))
+    assert run.kept_bytes == predicted
+
+
+# --- the planner ----------------------------------------------------------------------
+
+def all_plans(n, start=0):
+    """Every plan of layers start..n-1."""
+    if start == n:
+        yield []
+        return
+    for stop in range(start + 1, n + 1):
+        modes = ["none", "selective", "full"] if stop - start == 1 else ["full"]
+        for mode in modes:
+            for rest in all_plans(n, stop):
+                yield [Segment(start, stop, mode), *rest]
+
+
+def random_costs(rng, n):
+    costs = []
+    for _ in range(n):
+        input_bytes = rng.randint(1, 10)
+        kept_none = input_bytes + rng.randint(10, 60)
+        forward = rng.randint(10, 100)
+        costs.append(LayerCost(
+            input_bytes=input_bytes, kept_none_bytes=kept_none,
+            kept_selective_bytes=rng.randint(input_bytes, kept_none),
+            forward_flops=forward, backward_flops=2 * forward,
+            recompute_full_flops=rng.randint(forward // 2, forward),
+            recompute_selective_flops=rng.randint(0, forward // 4),
+            transient_none_bytes=rng.randint(1, 20), transient_full_bytes=rng.randint(20, 80),
+            transient_selective_bytes=rng.randint(5, 40)))
+    return costs
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_planner_is_optimal_against_brute_force(seed):
+    rng = random.Random(seed)
+    n = rng.randint(1, 6)
+    costs = random_costs(rng, n)
+    base, base_transient = rng.randint(0, 20), rng.randint(0, 30)
+    plans = [plan_cost(costs, p, base, base_transient) for p in all_plans(n)]
+    assert min_peak(costs, base, base_transient) == min(p.peak_bytes for p in plans)
+    lowest, highest = min(p.peak_bytes for p in plans), max(p.peak_bytes for p in plans)
+    for budget in sorted({lowest, highest, *rng.sample(range(lowest, highest + 1),
+                                                      min(5, highest - lowest + 1))}):
+        fitting = [p for p in plans if p.peak_bytes <= budget]
+        best = min(fitting, key=lambda p: (p.recompute_flops, p.peak_bytes))
+        chosen = plan_layers(costs, budget, base, base_transient)
+        assert (chosen.recompute_flops, chosen.peak_bytes) == \
+            (best.recompute_flops, best.peak_bytes)
+        assert chosen.peak_bytes <= budget
+    with pytest.raises(ValueError, match=f"smallest peak.*\\({lowest} bytes\\)"):
+        plan_layers(costs, lowest - 1, base, base_transient)
+
+
+def test_planner_is_fast_on_a_deep_heterogeneous_chain():
+    costs = random_costs(random.Random(0), 80)
+    start = time.perf_counter()
+    floor = min_peak(costs)
+    chosen = plan_layers(costs, floor * 1.5)
+    assert chosen.peak_bytes <= floor * 1.5
+    assert time.perf_counter() - start < 30
+
+
+def test_budget_plan_fits_when_measured():
+    torch.manual_seed(0)
+    cfg = ckpt_attn.TransformerConfig(num_layers=6, hidden_size=64, num_heads=4, dropout=0.1,
+                                      backend="torch")
+    model = ckpt_attn.Transformer(cfg)
+    x = torch.randn(2, 33, 64)
+    costs = layer_costs(model.layers, x)
+    floor, ceiling = min_peak(costs), measure(model, x).peak_bytes
+    recomputes = []
+    for fraction in (0.0, 0.3, 0.6, 1.0):
+        budget = int(floor + fraction * (ceiling - floor)) + 50_000  # the final norm's share
+        apply_checkpointing(model, "budget", budget_bytes=budget)
+        run = measure(model, x)
+        assert run.peak_bytes <= budget
+        recomputes.append(run.recompute_flops)
+    assert recomputes == sorted(recomputes, reverse=True) and recomputes[-1] == 0
+
+
+def test_plan_for_a_config_and_reports():
+    cfg = ckpt_attn.TransformerConfig(num_layers=32, hidden_size=4096, num_heads=32)
+    chosen = plan(cfg, batch=4, seq=2048, budget_bytes=8 * 2**30)
+    assert chosen.peak_bytes <= 8 * 2**30 and chosen.recompute_flops > 0
+    assert "GiB" in str(chosen) and "full[0]" in str(chosen)
+    assert chosen.to_dict()["segments"][0] == {"start": 0, "stop": 1, "mode": "full"}
+    predicted = estimate(cfg, batch=4, seq=2048, policy="full")
+    assert "kept_bytes=2.06 GiB" in str(predicted)
+    assert predicted.to_dict()["layer_terms"][0]["name"] == "attn_norm input"
+    with pytest.raises(ValueError, match="budget_bytes"):
+        plan(cfg, batch=4, seq=2048, budget_bytes=0)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(batch=0, seq=8), "batch"), (dict(batch=1, seq=10**6), "max_seq_len"),
+    (dict(batch=1, seq=8, storage="disk"), "storage"),
+    (dict(batch=1, seq=8, policy="nope"), "policy"),
+    (dict(batch=1, seq=8, storage="int8"), "does not apply"),
+])
+def test_estimate_bad_input(kwargs, match):
+    cfg = ckpt_attn.TransformerConfig(num_layers=2, hidden_size=64, num_heads=4)
+    with pytest.raises(ValueError, match=match):
+        estimate(cfg, **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_measure_reports_allocator_peak():
+    cfg = ckpt_attn.TransformerConfig(num_layers=2, hidden_size=256, num_heads=4)
+    model = ckpt_attn.Transformer(cfg).cuda().to(torch.bfloat16)
+    run = measure(model, torch.randn(2, 256, 256, device="cuda", dtype=torch.bfloat16))
+    assert run.cuda_max_allocated >= run.peak_bytes
+
+
+def test_largest_disagreement_seen():
+    """Prints the largest estimate/measure disagreement of this run (all within 1%)."""
+    print({what: f"{error:.4%}" for what, error in WORST.items()})
+    assert all(error <= 0.01 for error in WORST.values())
