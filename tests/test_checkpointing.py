@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from saved_bytes import saved_bytes
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -55,23 +56,6 @@ def assert_same_step(a, b, atol=1e-6):
     torch.testing.assert_close(a[0], b[0], atol=atol, rtol=0)
     for got, want in zip(a[1], b[1], strict=True):
         torch.testing.assert_close(got, want, atol=atol, rtol=0)
-
-
-def saved_bytes(model, x, **kwargs) -> int:
-    """Unique storages autograd saves during the forward (saved_tensors_hooks), parameters
-    and buffers excluded."""
-    state = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
-    saved = {}
-
-    def pack(t):
-        key = t.untyped_storage()._cdata
-        if key not in state:
-            saved[key] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x, **kwargs)
-    return sum(saved.values())
 
 
 # --- gradients ------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from saved_bytes import saved_bytes
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -48,7 +49,8 @@ def agree(what, predicted, measured):
     assert error <= 0.01, f"{what}: estimate {predicted} vs measure {measured}"
 
 
-@pytest.mark.parametrize("mlp, norm, dropout, kv_heads, dtype", GRID)
+@pytest.mark.parametrize("mlp, norm, dropout, kv_heads, dtype", GRID,
+                         ids=["-".join(map(str, c)).replace("torch.", "") for c in GRID])
 def test_estimate_agrees_with_measure(mlp, norm, dropout, kv_heads, dtype):
     cfg = ckpt_attn.TransformerConfig(num_layers=5, hidden_size=128, num_heads=4,
                                       num_kv_heads=kv_heads, mlp=mlp, norm=norm, dropout=dropout,
@@ -103,20 +105,6 @@ def test_cpu_offload_estimate_moves_kept_bytes_to_host():
 
 # --- measure itself -------------------------------------------------------------------
 
-def hooks_count(model, *inputs) -> int:
-    state = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
-    saved = {}
-
-    def pack(t):
-        if t.untyped_storage()._cdata not in state:
-            saved[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(*inputs)
-    return sum(saved.values())
-
-
 @pytest.mark.parametrize("policy", ["none", "full", "sqrt", "ratio"])
 def test_measure_matches_saved_tensors_hooks(policy):
     torch.manual_seed(0)
@@ -125,11 +113,11 @@ def test_measure_matches_saved_tensors_hooks(policy):
     model = ckpt_attn.Transformer(cfg)
     apply_checkpointing(model, policy, **({"ratio": 0.5} if policy == "ratio" else {}))
     x = torch.randn(2, 17, 64, requires_grad=True)
-    assert measure(model, x).kept_bytes == hooks_count(model, x)
+    assert measure(model, x).kept_bytes == saved_bytes(model, x)
     mlp = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
     apply_checkpointing(mlp, policy, **({"ratio": 0.5} if policy == "ratio" else {}))
     z = torch.randn(5, 16)
-    assert measure(mlp, z).kept_bytes == hooks_count(mlp, z)
+    assert measure(mlp, z).kept_bytes == saved_bytes(mlp, z)
 
 
 def test_measure_flops_match_flop_counter_mode():
