@@ -54,8 +54,8 @@ class LayerMeasurement(Report):
 class Measurement(Report):
     """One forward and backward, measured.
 
-    kept_bytes: activation bytes autograd keeps between forward and backward (unique
-        storages; parameters and buffers excluded).
+    kept_bytes: activation bytes autograd keeps between forward and backward on the
+        inputs' device (unique storages; parameters and buffers excluded).
     peak_bytes: the most activation bytes alive at once during the backward
         (kept tensors, recomputed ones, gradients in flight; parameter gradients
         excluded).
@@ -64,6 +64,8 @@ class Measurement(Report):
     layers: per layer of the model's chain (empty if it has none); a tensor belongs to
         the layer that created it. other_kept_bytes: created outside the layers
         (cloned inputs, the final norm).
+    offloaded_bytes: kept in host memory when the inputs are on another device
+        (storage="cpu").
     cuda_max_allocated: torch.cuda.max_memory_allocated over the step, on CUDA.
     """
 
@@ -74,6 +76,7 @@ class Measurement(Report):
     recompute_flops: int
     layers: list[LayerMeasurement]
     other_kept_bytes: int
+    offloaded_bytes: int = 0
     cuda_max_allocated: int | None = None
 
     @property
@@ -85,10 +88,11 @@ class Measurement(Report):
 class _Recorder(TorchDispatchMode):
     """Records created storages and attributes FLOPs to (phase, layer)."""
 
-    def __init__(self, known: set[int]):
+    def __init__(self, known: set[int], device_type: str):
         super().__init__()
         self.known = known  # storage keys that are never recorded (parameters, buffers)
-        self.storages = {}  # key -> (weak ref, bytes, scope)
+        self.device_type = device_type  # where the step runs; other storages are offloaded
+        self.storages = {}  # key -> (weak ref, bytes, scope, on the step's device)
         self.ignored = set()  # storage keys of parameter gradients
         self.scopes = [OTHER]
         self.flops = {}  # (phase, scope) -> flops
@@ -137,14 +141,17 @@ class _Recorder(TorchDispatchMode):
         storage = t.untyped_storage()
         key = storage._cdata
         if key not in self.storages:
-            self.storages[key] = (StorageWeakRef(storage), storage.nbytes(), self.scopes[-1])
+            self.storages[key] = (StorageWeakRef(storage), storage.nbytes(), self.scopes[-1],
+                                  t.device.type == self.device_type)
 
-    def live_bytes(self, scope: int | None = None) -> int:
-        """Bytes of recorded storages alive now (dead ones are dropped), of one scope."""
-        for key in [k for k, (ref, _, _) in self.storages.items() if ref.expired()]:
+    def live_bytes(self, scope: int | None = None, on_device: bool = True) -> int:
+        """Bytes of recorded storages alive now (dead ones are dropped), of one scope,
+        on the step's device (or elsewhere)."""
+        for key in [k for k, (ref, *_) in self.storages.items() if ref.expired()]:
             del self.storages[key]
-        return sum(size for key, (_, size, owner) in self.storages.items()
-                   if key not in self.ignored and scope in (None, owner))
+        return sum(size for key, (_, size, owner, local) in self.storages.items()
+                   if key not in self.ignored and scope in (None, owner)
+                   and local == on_device)
 
 
 def measure(model: torch.nn.Module, *inputs, **kwargs) -> Measurement:
@@ -162,7 +169,8 @@ def measure(model: torch.nn.Module, *inputs, **kwargs) -> Measurement:
         layers = []
     params = [p for p in model.parameters() if p.requires_grad]
     saved_grads = [p.grad for p in params]
-    recorder = _Recorder(_state_storages(model))
+    tensors = [t for t in tree_leaves((inputs, kwargs)) if isinstance(t, torch.Tensor)]
+    recorder = _Recorder(_state_storages(model), tensors[0].device.type if tensors else "cpu")
     handles = [p.register_post_accumulate_grad_hook(
         lambda p: recorder.ignored.add(p.grad.untyped_storage()._cdata)) for p in params]
     for index, layer in enumerate(layers):
@@ -171,7 +179,7 @@ def measure(model: torch.nn.Module, *inputs, **kwargs) -> Measurement:
         handles.append(layer.register_forward_hook(lambda *_: recorder.leave(), always_call=True))
     handles.append(register_module_forward_pre_hook(recorder.enter_module))
     handles.append(register_module_forward_hook(recorder.leave_module, always_call=True))
-    cuda = any(t.is_cuda for t in tree_leaves((inputs, kwargs)) if isinstance(t, torch.Tensor))
+    cuda = any(t.is_cuda for t in tensors)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     try:
@@ -180,6 +188,7 @@ def measure(model: torch.nn.Module, *inputs, **kwargs) -> Measurement:
             kept = recorder.live_bytes() - _bytes(loss)
             per_layer_kept = [recorder.live_bytes(i) for i in range(len(layers))]
             other_kept = recorder.live_bytes(OTHER) - _bytes(loss)
+            offloaded = recorder.live_bytes(on_device=False)
             recorder.peak = kept
             loss.backward()
     finally:
@@ -198,6 +207,7 @@ def measure(model: torch.nn.Module, *inputs, **kwargs) -> Measurement:
         layers=[LayerMeasurement(i, per_layer_kept[i], flops.get(("forward", i), 0),
                                  flops.get(("recompute", i), 0)) for i in range(len(layers))],
         other_kept_bytes=other_kept,
+        offloaded_bytes=offloaded,
         cuda_max_allocated=torch.cuda.max_memory_allocated() if cuda else None,
     )
 
