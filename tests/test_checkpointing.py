@@ -18,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import ckpt_attn
 from ckpt_attn import apply_checkpointing
 from ckpt_attn.checkpointing import apply as apply_module
+from ckpt_attn.checkpointing import policies
 from ckpt_attn.memory import estimate, measure
 
 LAYERS, HIDDEN, BATCH, SEQ = 4, 64, 2, 19
@@ -150,6 +151,79 @@ def test_sequential_and_layers_container():
     apply_checkpointing(stack, "uniform", every=3)
     with pytest.raises(RuntimeError, match="in order, each on the previous"):
         step(stack, x)
+
+
+def test_forward_hooks_run_once():
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    calls = []
+    for index, layer in enumerate(seq):
+        layer.register_forward_hook(
+            lambda module, args, out, index=index: calls.append(index) or out * 2)
+    x = torch.randn(3, 8, requires_grad=True)
+    reference = step(seq, x)
+    calls.clear()
+    apply_checkpointing(seq, "full")
+    assert_same_step(step(seq, x), reference)
+    assert calls == [0, 1]
+    apply_checkpointing(seq, "uniform", every=2)
+    with pytest.raises(ValueError, match="forward hooks"):
+        step(seq, x)
+
+
+def test_budget_with_two_graphs_alive_and_changing_shapes():
+    model = make_model(dropout=0.1)
+    x1, x2 = inputs(), torch.randn(BATCH, SEQ + 6, HIDDEN, requires_grad=True)
+
+    def two_steps():
+        model.zero_grad()
+        torch.manual_seed(3)
+        loss = model(x1).square().sum() + model(x2).square().sum()
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    reference = two_steps()
+    apply_checkpointing(model, "budget", budget_bytes=measure(model, x1).peak_bytes * 0.5)
+    for got, want in zip(two_steps(), reference, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_budget_on_layers_that_change_shape():
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 4))
+    x = torch.randn(16, 8, requires_grad=True)
+    reference = step(seq, x)
+    apply_checkpointing(seq, "budget", budget_bytes=10**9)
+    assert_same_step(step(seq, x), reference)
+
+
+def test_quantized_storage_leaves_integer_inputs_alone():
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Embedding(1000, 8), nn.Linear(8, 1))
+    ids = torch.tensor([[999, 5, 700, 3]])
+    seq(ids).sum().backward()
+    reference = seq[0].weight.grad.clone()
+    seq.zero_grad()
+    apply_checkpointing(seq, "full", storage="int8")
+    seq(ids).sum().backward()
+    torch.testing.assert_close(seq[0].weight.grad, reference)
+
+
+def test_shared_layers_and_foreign_forwards_are_refused():
+    layer = nn.Linear(4, 4)
+    with pytest.raises(ValueError, match="distinct modules"):
+        apply_checkpointing(nn.Sequential(layer, layer), "full")
+    wrapped = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    wrapped[0].forward = lambda x: x
+    with pytest.raises(ValueError, match="instance-level forward"):
+        apply_checkpointing(wrapped, "full")
+
+
+@pytest.mark.parametrize("ratio, layers, recomputed", [(0.28, 25, 7), (0.5, 4, 2),
+                                                       (0.01, 4, 1), (1.0, 3, 3)])
+def test_ratio_counts_layers_exactly(ratio, layers, recomputed):
+    plan = policies.plan_for("ratio", layers, {"ratio": ratio})
+    assert sum(segment.mode == "full" for segment in plan) == recomputed
 
 
 # --- what is kept ---------------------------------------------------------------------

@@ -10,7 +10,7 @@ from saved_bytes import saved_bytes
 
 import ckpt_attn
 from ckpt_attn.memory import layer_terms
-from ckpt_attn.modules.transformer import Norm, RotaryEmbedding
+from ckpt_attn.modules.transformer import Norm, RotaryEmbedding, dropout
 
 HIDDEN, HEADS = 32, 4
 
@@ -122,6 +122,22 @@ def test_norm_matches_torch_and_gradcheck(centered, bias):
     else:
         ref = torch.nn.functional.rms_norm(x, (12,), norm.weight, norm.eps)
     torch.testing.assert_close(norm(x), ref)
+
+
+def test_norm_on_one_dimensional_input_and_no_double_backward():
+    norm = Norm(6, centered=True, bias=True).double()
+    x = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(norm, (x,))
+    # no second derivative (rather than a silently wrong one): the gradient is a constant
+    (grad,) = torch.autograd.grad(norm(x).sum(), x, create_graph=True)
+    assert not grad.requires_grad
+
+
+def test_residual_dropout_rate_in_bfloat16():
+    x = torch.ones(1000, 1000, dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    kept = (dropout(x, 0.001, True) != 0).float().mean().item()
+    assert abs((1 - kept) - 0.001) < 0.0003  # bf16 uniforms would drop ~3x as many
 
 
 @pytest.mark.parametrize("mlp", ["swiglu", "gelu"])

@@ -7,6 +7,11 @@ torch.utils.checkpoint (non-reentrant, RNG state preserved) when it is recompute
 the segment's other layers, when the model calls them, check that they receive the
 segment's output and the same arguments, and pass it through. Under torch.no_grad
 the segment runs with no checkpoint machinery at all.
+
+Hooks: a layer's forward hooks run once per forward, around the model's own call,
+and not again when the segment is recomputed. The later layers of a group would see
+theirs run twice, so groups refuse layers that have forward hooks. A layer whose
+forward is already an instance attribute (another wrapper's) is refused too.
 """
 
 from __future__ import annotations
@@ -58,7 +63,14 @@ def find_layers(model: nn.Module) -> nn.ModuleList | nn.Sequential:
 
 def install(layers, plan: list[Segment], storage: str) -> None:
     """Replace the layers' forwards with the plan's (after removing any earlier plan)."""
+    if len({id(layer) for layer in layers}) < len(layers):
+        raise ValueError("the model's layers must be distinct modules to checkpoint them "
+                         "(one module object appears twice, as in shared-weight stacks)")
     remove(layers)
+    for layer in layers:
+        if "forward" in layer.__dict__:
+            raise ValueError(f"{type(layer).__name__} already has an instance-level forward "
+                             f"(another wrapper's); apply_checkpointing would bypass it")
     for segment in plan:
         members = [layers[i] for i in range(segment.start, segment.stop)]
         if segment.mode == "none" and storage == "device":
@@ -75,6 +87,19 @@ def remove(layers) -> None:
             del layer.forward
 
 
+_ACTIVE: list[SegmentRun] = []  # segments running their layers now, innermost last
+
+
+def current_layer() -> nn.Module | None:
+    """The layer a segment is running right now (in its forward or its recomputation)."""
+    return _ACTIVE[-1].current if _ACTIVE else None
+
+
+def running(layer: nn.Module) -> bool:
+    """Whether layer is being run by its segment right now (so it runs its own forward)."""
+    return bool(_ACTIVE) and any(layer is member for member in _ACTIVE[-1].layers)
+
+
 class InstalledForward:
     """Base of the forwards apply_checkpointing installs (so they can be removed)."""
 
@@ -84,18 +109,22 @@ class SegmentRun:
 
     def __init__(self, layers: list[nn.Module], mode: str, storage: str):
         self.layers, self.mode, self.storage = layers, mode, storage
-        self.running = False
         self.pending = None  # what the segment's later layers must receive next
+        self.current = None  # the layer _run_layers is running
 
     def __call__(self, x, *args, **kwargs):
         if len(self.layers) > 1 and not isinstance(x, torch.Tensor):
             raise TypeError(f"a segment of several layers needs a tensor as the first "
                             f"argument, got {type(x).__name__}")
+        if any(layer._forward_hooks or layer._forward_pre_hooks for layer in self.layers[1:]):
+            raise ValueError("a checkpoint segment of several layers (uniform/sqrt/budget) "
+                             "cannot run forward hooks of its later layers exactly once; "
+                             "remove the hooks or use every=1")
+        hidden = x if self.mode == "full" and isinstance(x, torch.Tensor) else None
         if not torch.is_grad_enabled():
             out = self._run_layers(x, *args, **kwargs)
         else:
-            with saved_tensor_hooks(self.storage, self._excluded(), x if self.mode == "full"
-                                    else None):
+            with saved_tensor_hooks(self.storage, self._excluded(), hidden):
                 if self.mode == "none":
                     out = self._run_layers(x, *args, **kwargs)
                 else:
@@ -126,13 +155,17 @@ class SegmentRun:
         return x
 
     def _run_layers(self, x, *args, **kwargs):
-        # Each layer through its __call__, so its hooks run, here and when recomputed.
-        self.running = True
+        # The first layer's hooks ran around the model's call (a recomputation must run
+        # the same ops, so they do not run again); the later layers' would run here, and
+        # groups refuse layers that have any.
+        _ACTIVE.append(self)
         try:
-            for layer in self.layers:
-                x = layer(x, *args, **kwargs)
+            for position, layer in enumerate(self.layers):
+                self.current = layer
+                x = layer(x, *args, **kwargs) if position else \
+                    type(layer).forward(layer, x, *args, **kwargs)
         finally:
-            self.running = False
+            _ACTIVE.pop()
         return x
 
     def _excluded(self) -> set[int]:
@@ -149,8 +182,8 @@ class LayerForward(InstalledForward):
 
     def __call__(self, x, *args, **kwargs):
         run = self.run
-        if run.running:
-            layer = run.layers[self.position]
+        layer = run.layers[self.position]
+        if running(layer):
             return type(layer).forward(layer, x, *args, **kwargs)
         if self.position == 0:
             return run(x, *args, **kwargs)

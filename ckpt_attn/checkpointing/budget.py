@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
-from .apply import InstalledForward, install
+from .apply import InstalledForward, install, running
 
 
 class BudgetForward(InstalledForward):
@@ -27,8 +27,8 @@ class BudgetForward(InstalledForward):
 
     def __call__(self, x, *args, **kwargs):
         first = self.layers[0]
-        if self.head is not None and self.head.run.running:
-            return self.head(x, *args, **kwargs)
+        if running(first):
+            return type(first).forward(first, x, *args, **kwargs)
         if torch.is_grad_enabled():
             key = (tuple(x.shape), x.dtype, x.device)
             if key not in self.plans:

@@ -74,7 +74,8 @@ def plan_for(policy: str, num_layers: int, options: dict) -> list[Segment]:
     if policy in ("none", "selective"):
         return [Segment(i, i + 1, policy) for i in range(num_layers)]
     if policy == "ratio":
-        recomputed = math.ceil(options["ratio"] * num_layers)
+        # rounded first: 0.28 * 25 is 7.000000000000001 in floating point
+        recomputed = math.ceil(round(options["ratio"] * num_layers, 9))
         return [Segment(i, i + 1, "full" if i < recomputed else "none")
                 for i in range(num_layers)]
     every = {"full": 1, "sqrt": math.ceil(math.sqrt(num_layers))}.get(policy)

@@ -10,7 +10,8 @@
   s = max|row| / 127, so each element is off by at most max|row| / 254. fp8
   (float8_e4m3fn, 3 mantissa bits): s = max|row| / 448, each element off by at most
   2^-4 of its own magnitude (plus s * 2^-9 near zero). The recomputation then
-  starts from the dequantized input, so gradients carry that error.
+  starts from the dequantized input, so gradients carry that error. A row holding
+  inf or NaN comes back as NaN.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def saved_tensor_hooks(storage: str, excluded: set[int], hidden: torch.Tensor | 
     hidden_shape = None if hidden is None else hidden.shape
 
     def pack(t):
-        if storage_key(t) == hidden_key and t.shape == hidden_shape and t.dim() >= 1:
+        if (t.is_floating_point() and t.dim() >= 1 and storage_key(t) == hidden_key
+                and t.shape == hidden_shape):
             return quantize(t, storage)
         return t
 
@@ -69,7 +71,7 @@ def _dequantize(packed):
 
 
 def _offload(t: torch.Tensor):
-    if t.device.type == "cpu":
+    if t.device.type in ("cpu", "meta"):  # nothing to move (meta: no data to copy)
         return t
     host = torch.empty_like(t, device="cpu", pin_memory=True)
     host.copy_(t, non_blocking=True)

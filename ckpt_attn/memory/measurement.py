@@ -34,7 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.flop_counter import flop_registry
 
-from ..checkpointing.apply import find_layers
+from ..checkpointing.apply import current_layer, find_layers
 from .report import Report
 
 OTHER = -1  # the scope of tensors created outside the model's layers
@@ -94,10 +94,10 @@ class _Recorder(TorchDispatchMode):
         self.device_type = device_type  # where the step runs; other storages are offloaded
         self.storages = {}  # key -> (weak ref, bytes, scope, on the step's device)
         self.ignored = set()  # storage keys of parameter gradients
-        self.scopes = [OTHER]
+        self.layer_index = {}  # id(layer module) -> its index in the chain
+        self.scopes = [OTHER]  # one entry per module forward running now
         self.flops = {}  # (phase, scope) -> flops
         self.peak = 0
-        self.module_depth = 0  # > 0 inside some module's forward
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -107,9 +107,9 @@ class _Recorder(TorchDispatchMode):
         in_backward = torch._C._current_graph_task_id() != -1
         # A forward op run by the backward is a recomputation: it runs inside a module's
         # forward, or with grad enabled (autograd.Functions run their forward without).
-        recomputing = self.module_depth > 0 or torch.is_grad_enabled()
+        recomputing = len(self.scopes) > 1 or torch.is_grad_enabled()
         phase = ("recompute" if recomputing else "backward") if in_backward else "forward"
-        key = (phase, self.scopes[-1])
+        key = (phase, self.scope())
         self.flops[key] = self.flops.get(key, 0) + flops
         # a storage is new unless an input has it (views, in-place ops, parameters)
         inputs = self.known | {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs))
@@ -121,27 +121,28 @@ class _Recorder(TorchDispatchMode):
             self.peak = max(self.peak, self.live_bytes())
         return out
 
-    def enter_module(self, *_) -> None:
-        """A module's forward starts (a global forward pre-hook)."""
-        self.module_depth += 1
+    def scope(self) -> int:
+        """The layer that owns what is created now: the innermost layer whose forward
+        runs, or the one a checkpoint segment is running (hooks do not mark a segment's
+        first layer during recomputation)."""
+        if self.scopes[-1] == OTHER:
+            return self.layer_index.get(id(current_layer()), OTHER)
+        return self.scopes[-1]
+
+    def enter_module(self, module, *_) -> None:
+        """A module's forward starts (a global forward pre-hook): what it creates belongs
+        to it if it is one of the layers, else to the enclosing scope."""
+        self.scopes.append(self.layer_index.get(id(module), self.scopes[-1]))
 
     def leave_module(self, *_) -> None:
         """A module's forward ends (a global forward hook)."""
-        self.module_depth -= 1
-
-    def enter(self, scope: int) -> None:
-        """Tensors created from now on belong to layer `scope`."""
-        self.scopes.append(scope)
-
-    def leave(self) -> None:
-        """Back to the enclosing scope."""
         self.scopes.pop()
 
     def _record(self, t: torch.Tensor) -> None:
         storage = t.untyped_storage()
         key = storage._cdata
         if key not in self.storages:
-            self.storages[key] = (StorageWeakRef(storage), storage.nbytes(), self.scopes[-1],
+            self.storages[key] = (StorageWeakRef(storage), storage.nbytes(), self.scope(),
                                   t.device.type == self.device_type)
 
     def live_bytes(self, scope: int | None = None, on_device: bool = True) -> int:
@@ -173,10 +174,7 @@ def measure(model: torch.nn.Module, *inputs, **kwargs) -> Measurement:
     recorder = _Recorder(_state_storages(model), tensors[0].device.type if tensors else "cpu")
     handles = [p.register_post_accumulate_grad_hook(
         lambda p: recorder.ignored.add(p.grad.untyped_storage()._cdata)) for p in params]
-    for index, layer in enumerate(layers):
-        handles.append(layer.register_forward_pre_hook(
-            lambda *_, index=index: recorder.enter(index)))
-        handles.append(layer.register_forward_hook(lambda *_: recorder.leave(), always_call=True))
+    recorder.layer_index = {id(layer): index for index, layer in enumerate(layers)}
     handles.append(register_module_forward_pre_hook(recorder.enter_module))
     handles.append(register_module_forward_hook(recorder.leave_module, always_call=True))
     cuda = any(t.is_cuda for t in tensors)

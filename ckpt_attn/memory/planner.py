@@ -106,11 +106,14 @@ def plan_cost(costs: list[LayerCost], segments: list[Segment], base_bytes: int =
 def plan_layers(costs: list[LayerCost], budget_bytes: float, base_bytes: int = 0,
                 base_transient: int = 0) -> Plan:
     """The plan with least recompute FLOPs whose predicted peak is at most budget_bytes
-    (ties: least peak). Raises ValueError, with the smallest reachable peak, if none fits.
+    (ties: least peak, see below). Raises ValueError, with the smallest reachable peak,
+    if none fits.
 
     Exact: a dynamic program over the layer boundaries keeps the Pareto front of
     (kept bytes, recompute FLOPs) of the feasible plans of each prefix; a segment is
     feasible when the prefix's kept bytes plus its own kept bytes and transient fit.
+    The least recompute is exact; the tie break by peak is among the plans the fronts
+    keep (of equal recompute, the one keeping the fewest bytes).
     """
     fronts = _fronts(costs, lambda kept, seg_kept, transient, recompute, seg_recompute: (
         recompute + seg_recompute if kept + seg_kept + transient <= budget_bytes else None))
@@ -170,16 +173,24 @@ def _pareto(points):
 
 
 def layer_costs(layers, x: torch.Tensor, *args, **kwargs) -> list[LayerCost]:
-    """Each layer's LayerCost for an input like x (and the same other arguments),
-    measured on fake tensors: nothing is allocated. Layers with the same class and
-    parameter shapes are measured once."""
+    """Each layer's LayerCost, measured on meta copies (nothing is allocated), the first
+    on an input like x and each next one on the previous one's output (the other
+    arguments are passed to every layer). Layers with the same class, parameter shapes
+    and input are measured once."""
     cache, costs = {}, []
+    margs, mkwargs = tree_map(lambda t: _meta(t) if isinstance(t, torch.Tensor) else t,
+                              (args, kwargs))
+    hidden = _meta(x)
     for layer in layers:
-        signature = (type(layer), tuple((n, tuple(p.shape), p.dtype)
-                                        for n, p in layer.named_parameters()))
+        copy = _meta_copy(layer)
+        signature = (type(layer), tuple(hidden.shape), hidden.dtype,
+                     tuple((n, tuple(p.shape), p.dtype) for n, p in layer.named_parameters()))
         if signature not in cache:
-            cache[signature] = _measure_layer(layer, x, args, kwargs)
+            cache[signature] = _measure_layer(copy, hidden, margs, mkwargs)
         costs.append(cache[signature])
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            out = copy(hidden, *margs, **mkwargs)
+        hidden = out if isinstance(out, torch.Tensor) else hidden
     return costs
 
 
@@ -196,6 +207,9 @@ def _meta_copy(layer: torch.nn.Module) -> torch.nn.Module:
     allocated), without any forward a policy installed."""
     memo = {id(p): torch.nn.Parameter(_meta(p), p.requires_grad) for p in layer.parameters()}
     memo |= {id(b): _meta(b) for b in layer.buffers()}
+    # an installed forward refers to other layers: stand a placeholder in, not a copy
+    memo |= {id(m.forward): _PLACEHOLDER for m in layer.modules()
+             if isinstance(m.__dict__.get("forward"), InstalledForward)}
     copy = deepcopy(layer, memo)
     for module in copy.modules():
         if isinstance(module.__dict__.get("forward"), InstalledForward):
@@ -203,19 +217,21 @@ def _meta_copy(layer: torch.nn.Module) -> torch.nn.Module:
     return copy
 
 
+_PLACEHOLDER = InstalledForward()
+
+
 def _meta(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(t, device="meta")
 
 
-def _measure_layer(layer, x, args, kwargs) -> LayerCost:
-    chain = torch.nn.ModuleList([_meta_copy(layer)])
-    mx, margs, mkwargs = tree_map(lambda t: _meta(t) if isinstance(t, torch.Tensor) else t,
-                                  (x, args, kwargs))
+def _measure_layer(copy, x, args, kwargs) -> LayerCost:
+    """Measure a meta copy under each mode, on meta x (args, kwargs on meta too)."""
+    chain = torch.nn.ModuleList([copy])
     runs = {}
     with torch.random.fork_rng(devices=[]):  # dropout seeds: leave the caller's stream
         for mode in ("none", "full", "selective"):
             install(chain, [Segment(0, 1, mode)], "device")
-            runs[mode] = measure(chain[0], mx.requires_grad_(True), *margs, **mkwargs)
+            runs[mode] = measure(copy, x.requires_grad_(True), *args, **kwargs)
     input_bytes = x.numel() * x.element_size()
     none, full, selective = runs["none"], runs["full"], runs["selective"]
     return LayerCost(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ..ops import attention
 from .config import TransformerConfig
@@ -41,6 +42,7 @@ class _NormFunction(torch.autograd.Function):
         return y + bias if bias is not None else y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, weight, rstd, *mean = ctx.saved_tensors
         xf = x.to(rstd.dtype)
@@ -50,8 +52,8 @@ class _NormFunction(torch.autograd.Function):
         if ctx.centered:
             projection = projection + d_hat.mean(-1, keepdim=True)
         dx = rstd * (d_hat - projection)
-        rows = dy.to(rstd.dtype).flatten(0, -2)
-        dweight = (rows * x_hat.flatten(0, -2)).sum(0).to(weight.dtype)
+        rows = dy.to(rstd.dtype).reshape(-1, dy.shape[-1])
+        dweight = (rows * x_hat.reshape(rows.shape)).sum(0).to(weight.dtype)
         dbias = rows.sum(0).to(weight.dtype) if ctx.has_bias else None
         return dx.to(x.dtype), dweight, dbias, None, None
 
@@ -76,7 +78,7 @@ class _DropoutFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, p):
-        keep = torch.rand_like(x) >= p
+        keep = torch.rand_like(x, dtype=torch.float32) >= p  # fp32: exact rate in bf16
         ctx.save_for_backward(keep)
         ctx.scale = 1.0 / (1.0 - p)
         return x * keep * ctx.scale
