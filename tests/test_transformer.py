@@ -95,6 +95,18 @@ def test_rotary_matches_complex_rotation():
     torch.testing.assert_close(rope(x), torch.cat([pairs.real, pairs.imag], dim=-1))
 
 
+def test_rotary_tables_after_meta_init_and_to_empty():
+    reference = ckpt_attn.Transformer(config())
+    with torch.device("meta"):
+        model = ckpt_attn.Transformer(config())
+    model.to_empty(device="cpu")
+    model.load_state_dict(reference.state_dict())
+    model.apply(lambda m: hasattr(m, "reset_parameters") and isinstance(m, RotaryEmbedding)
+                and m.reset_parameters())
+    x = torch.randn(2, 9, HIDDEN)
+    torch.testing.assert_close(model(x), reference(x), atol=0, rtol=0)
+
+
 def test_sequence_longer_than_rotary_tables():
     model = ckpt_attn.Transformer(config(max_seq_len=8))
     with pytest.raises(ValueError, match="max_seq_len"):

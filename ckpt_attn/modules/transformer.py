@@ -107,15 +107,28 @@ class RotaryEmbedding(nn.Module):
 
     The cos/sin tables are non-persistent buffers, computed in float32 and then kept in
     the module's dtype (they follow .to()), shared by every layer of a Transformer.
+    After meta-device init and to_empty(), reset_parameters() recomputes them (the
+    usual `model.apply(lambda m: hasattr(m, "reset_parameters") and
+    m.reset_parameters())` does it).
     """
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float):
         super().__init__()
-        inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
-        angles = torch.cat([angles, angles], dim=-1)  # (S_max, D)
-        self.register_buffer("cos", angles.cos()[:, None, :], persistent=False)  # (S_max, 1, D)
-        self.register_buffer("sin", angles.sin()[:, None, :], persistent=False)
+        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
+        self.register_buffer("cos", torch.empty(max_seq_len, 1, head_dim), persistent=False)
+        self.register_buffer("sin", torch.empty(max_seq_len, 1, head_dim), persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """(Re)compute the tables in float32, stored in the buffers' dtype and device."""
+        device = None if self.cos.is_meta else self.cos.device
+        dims = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
+        positions = torch.arange(self.max_seq_len, dtype=torch.float32, device=device)
+        angles = torch.outer(positions, self.theta ** (-dims / self.head_dim))
+        angles = torch.cat([angles, angles], dim=-1)[:, None, :]  # (S_max, 1, D)
+        self.cos.copy_(angles.cos())
+        self.sin.copy_(angles.sin())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Rotate x, (B, S, H, D), by its positions."""
