@@ -20,7 +20,9 @@ from .backends.chunked import compute_dtype
 from .validation import (
     check_cu_seqlens,
     check_dropout,
+    check_flag,
     check_mask,
+    check_max_seqlen,
     check_qkv,
     check_window,
     resolve_scale,
@@ -55,6 +57,12 @@ def _attention_backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Te
                         cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
                         max_seqlen_q: int, max_seqlen_k: int, mask_grad: bool, backend: str
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # The kernels read lse and dlse as dense (B, H_q, S_q) arrays and dO by rows with
+    # stride(-1) == 1 (e.g. the expanded gradient of o.sum() has every stride 0).
+    lse = lse.contiguous()
+    dlse = None if dlse is None else dlse.contiguous()
+    if do.stride(-1) != 1:
+        do = do.contiguous()
     packed = _packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     dq, dk, dv, dmask = backends.backward(backend, do, dlse, q, k, v, o, lse, causal, scale,
                                           mask, (window_left, window_right), dropout_p, seed,
@@ -71,10 +79,11 @@ def _(do, dlse, q, k, v, o, lse, mask, causal, scale, window_left, window_right,
 
 
 def _packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> tuple | None:
-    """The backends' description of packed sequences, or None for a batch."""
+    """The backends' description of packed sequences, or None for a batch; the kernels
+    index cu_seqlens with stride 1, so a strided one is copied (num_seqs + 1 ints)."""
     if cu_seqlens_q is None:
         return None
-    return (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return (cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k)
 
 
 def _setup_context(ctx, inputs, output):
@@ -101,9 +110,6 @@ def _backward(ctx, do, dlse):
     cu_seqlens = extras if ctx.is_packed else [None, None]
     if do is None:
         do = torch.zeros_like(o)
-    elif do.stride(-1) != 1:
-        # e.g. the expanded gradient of o.sum(): every stride 0
-        do = do.contiguous()
     mask_grad = ctx.has_mask and ctx.needs_input_grad[3]
     dq, dk, dv, dmask = _attention_backward(
         do, dlse, q, k, v, o, lse, mask, ctx.causal, ctx.scale, *ctx.window, *ctx.dropout,
@@ -199,7 +205,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         scale: softmax scale, default 1/sqrt(D).
         window: (left, right) sliding window, query i sees keys i - left .. i + right,
             -1 meaning unbounded on that side; combines with causal. Key blocks
-            outside the window are skipped, so the cost scales with the window.
+            outside the window are skipped, so the cost scales with the window. A side
+            of max(S_q, S_k) or more (sys.maxsize, say) sees as much as -1.
         return_lse: also return the natural-log logsumexp, (B, H_q, S_q), float32
             (float64 for float64 inputs); it is differentiable.
         backend: "auto", "triton" or "torch" (see ckpt_attn.backends).
@@ -218,11 +225,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     check_qkv(q, k, v)
     scale = resolve_scale(scale, q.shape[-1])
     check_mask(attn_mask, q, k)
-    window_left, window_right = check_window(window)
+    causal = check_flag(causal, "causal")
+    return_lse = check_flag(return_lse, "return_lse")
+    window_left, window_right = check_window(window, max(q.shape[2], k.shape[2]))
     dropout_p = check_dropout(dropout_p)
     seed = _draw_seed() if dropout_p > 0 else 0
     resolved = backends.resolve_backend(backend, q)
-    o, lse = _attention_forward(q, k, v, attn_mask, bool(causal), scale, window_left,
+    o, lse = _attention_forward(q, k, v, attn_mask, causal, scale, window_left,
                                 window_right, dropout_p, seed, None, None, 0, 0, resolved)
     return (o, lse) if return_lse else o
 
@@ -240,7 +249,9 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         cu_seqlens_q, cu_seqlens_k: int32 (num_seqs + 1,) cumulative lengths starting
             at 0: sequence s owns rows cu_seqlens_q[s]:cu_seqlens_q[s+1] of q and
             cu_seqlens_k[s]:cu_seqlens_k[s+1] of k and v.
-        max_seqlen_q, max_seqlen_k: the longest sequence on each side (checked).
+        max_seqlen_q, max_seqlen_k: the longest sequence on each side; checked to be at
+            most that side's token count and, where cu_seqlens can be read (not on the
+            meta device or under FakeTensorMode), at least its longest sequence.
         causal, scale, dropout_p, window: as in attention(), within each sequence.
 
     No query attends across a sequence boundary and no padding is computed. With
@@ -256,17 +267,21 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     # (total, H, D) -> (1, H, total, D) views: the batched kernels' layout, no copy
     q4, k4, v4 = (t.unsqueeze(0).transpose(1, 2) for t in (q, k, v))
     check_qkv(q4, k4, v4)
+    max_seqlen_q = check_max_seqlen(max_seqlen_q, "max_seqlen_q", q.shape[0])
+    max_seqlen_k = check_max_seqlen(max_seqlen_k, "max_seqlen_k", k.shape[0])
     check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, "max_seqlen_q", q)
     check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, "max_seqlen_k", q)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe as many sequences, got "
                          f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()} entries")
     scale = resolve_scale(scale, q.shape[-1])
-    window_left, window_right = check_window(window)
+    causal = check_flag(causal, "causal")
+    # no sequence is longer than its side's token total
+    window_left, window_right = check_window(window, max(q.shape[0], k.shape[0]))
     dropout_p = check_dropout(dropout_p)
     seed = _draw_seed() if dropout_p > 0 else 0
     resolved = backends.resolve_backend(backend, q4)
-    o, _ = _attention_forward(q4, k4, v4, None, bool(causal), scale, window_left, window_right,
-                              dropout_p, seed, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-                              int(max_seqlen_k), resolved)
+    o, _ = _attention_forward(q4, k4, v4, None, causal, scale, window_left, window_right,
+                              dropout_p, seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                              max_seqlen_k, resolved)
     return o[0].transpose(0, 1)

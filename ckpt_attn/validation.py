@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 MAX_HEAD_DIM = 256
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -16,6 +17,7 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        _check_strided(t, name)
         if t.dim() != 4:
             raise ValueError(
                 f"{name} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(t.shape)}"
@@ -69,8 +71,12 @@ def resolve_scale(scale: float | None, head_dim: int) -> float:
         return 1.0 / math.sqrt(head_dim)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
+    try:
+        finite = math.isfinite(scale)
+    except OverflowError:  # an int beyond float's range
+        finite = False
+    if not finite:
+        raise ValueError(f"scale must be finite, got {_shown(scale)}")
     return float(scale)
 
 
@@ -82,6 +88,7 @@ def check_mask(attn_mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor)
     if not isinstance(attn_mask, torch.Tensor):
         raise TypeError(f"attn_mask must be a torch.Tensor or None, got "
                         f"{type(attn_mask).__name__}")
+    _check_strided(attn_mask, "attn_mask")
     if attn_mask.dtype not in (torch.bool, q.dtype):
         raise TypeError(f"attn_mask must be bool or q's dtype ({q.dtype}), got {attn_mask.dtype}")
     if attn_mask.device != q.device:
@@ -100,16 +107,28 @@ def check_mask(attn_mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor)
         )
 
 
-def check_window(window) -> tuple[int, int]:
-    """(left, right) of a sliding window, -1 meaning unbounded; None is (-1, -1)."""
+def check_window(window, bound: int) -> tuple[int, int]:
+    """(left, right) of a sliding window, -1 meaning unbounded; None is (-1, -1).
+
+    `bound` is the longest distance a window can span: max(S_q, S_k), or for packed
+    sequences the larger token total. A side of `bound` or more already reaches every key,
+    so it is clamped to `bound`: the same pairs, and no kernel index arithmetic
+    (row + window) can overflow, whatever the caller passed (sys.maxsize, 2**64).
+    """
     if window is None:
         return (-1, -1)
-    if (not isinstance(window, (tuple, list)) or len(window) != 2
-            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window)):
-        raise TypeError(f"window must be a pair of ints (left, right) or None, got {window!r}")
-    if min(window) < -1:
-        raise ValueError(f"window values must be >= -1 (-1 = unbounded), got {tuple(window)}")
-    return (window[0], window[1])
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise TypeError(f"window must be a pair of ints (left, right) or None, got "
+                        f"{_shown(window)}")
+    for side, value in zip(("left", "right"), window, strict=True):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"window must be a pair of ints (left, right) or None; its {side} "
+                            f"side is {_type_name(value)} {_shown(value)}")
+        if value < -1:
+            raise ValueError(f"window values must be >= -1 (-1 = unbounded), got {side} = "
+                             f"{_shown(value)}")
+    left, right = window
+    return (min(left, bound) if left >= 0 else -1, min(right, bound) if right >= 0 else -1)
 
 
 def check_dropout(dropout_p) -> float:
@@ -121,12 +140,38 @@ def check_dropout(dropout_p) -> float:
     return float(dropout_p)
 
 
-def check_cu_seqlens(cu_seqlens, name: str, total: int, max_seqlen, max_name: str,
+def check_flag(value, name: str) -> bool:
+    """A bool argument (causal, return_lse): a tensor or another truthy stand-in is refused,
+    its truth value may be ambiguous or need a device sync."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {_type_name(value)}")
+    return value
+
+
+def check_max_seqlen(max_seqlen, name: str, total: int) -> int:
+    """max_seqlen_q or max_seqlen_k: an int in [0, total], total being the token count on its
+    side. It sizes the kernels' launch grid, so a value far above any sequence would launch
+    (and run) programs that have no work; this bound needs no read of cu_seqlens."""
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+        raise TypeError(f"{name} must be an int, got {_type_name(max_seqlen)}")
+    if not 0 <= max_seqlen <= total:
+        raise ValueError(f"{name} must be in [0, {total}] (the token count on its side), got "
+                         f"{_shown(max_seqlen)}")
+    return max_seqlen
+
+
+def check_cu_seqlens(cu_seqlens, name: str, total: int, max_seqlen: int, max_name: str,
                      q: torch.Tensor) -> None:
     """Cumulative sequence lengths: int32, 1-D, on q's device, from 0, non-decreasing,
-    ending at `total`, with no sequence longer than `max_seqlen`."""
+    ending at `total`, with no sequence longer than `max_seqlen`.
+
+    Any strides are accepted (the op passes a contiguous copy to the kernels). The values
+    are read (on CUDA, one device sync) wherever they exist; on the meta device and under
+    FakeTensorMode they do not, and only dtype, shape and device are checked.
+    """
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    _check_strided(cu_seqlens, name)
     if cu_seqlens.dtype != torch.int32:
         raise TypeError(f"{name} must be int32, got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
@@ -134,14 +179,34 @@ def check_cu_seqlens(cu_seqlens, name: str, total: int, max_seqlen, max_name: st
                          f"{tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != q.device:
         raise ValueError(f"{name} must be on q's device ({q.device}), got {cu_seqlens.device}")
+    if cu_seqlens.device.type == "meta" or is_fake(cu_seqlens):
+        return
     bounds = cu_seqlens.tolist()
     lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     if bounds[0] != 0 or any(n < 0 for n in lengths):
         raise ValueError(f"{name} must start at 0 and be non-decreasing, got {bounds[:8]}...")
     if bounds[-1] != total:
         raise ValueError(f"{name}[-1] must equal the token count {total}, got {bounds[-1]}")
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
-        raise TypeError(f"{max_name} must be an int, got {type(max_seqlen).__name__}")
     if max_seqlen < max(lengths, default=0):
         raise ValueError(f"{max_name} ({max_seqlen}) is below the longest sequence in {name} "
                          f"({max(lengths)})")
+
+
+def _check_strided(t: torch.Tensor, name: str) -> None:
+    """Sparse and nested tensors have no strides for the kernels to read: refused."""
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+
+
+def _type_name(value) -> str:
+    """The name of value's type, with its module unless built in: numpy.bool is no bool."""
+    kind = type(value)
+    if kind.__module__ == "builtins":
+        return kind.__name__
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _shown(value) -> str:
+    """repr(value), cut short: an error message quoting a 400-digit int stays readable."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."

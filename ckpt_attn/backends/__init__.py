@@ -36,6 +36,8 @@ def _triton_interpreting() -> bool:
 
 def resolve_backend(backend: str, q: torch.Tensor) -> str:
     """Turn a requested backend into "triton" or "torch" for tensors like q, or raise."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, one of {BACKENDS}, got {type(backend).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     has_triton = _triton_available()
