@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpointing import POLICIES as CHECKPOINT_POLICIES
 from .memory import estimate, plan
 from .memory.report import GIB, gib
 from .modules.config import MLPS, NORMS, TransformerConfig
@@ -41,9 +42,9 @@ PRESETS = {
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-POLICIES = [("none", {}), ("full", {}), ("sqrt", {}), ("selective", {}),
-            ("uniform", {"every": 2}), ("ratio", {"ratio": 0.5})]
-"""The policies `estimate` compares, with their options."""
+POLICIES = [(name, policy.compare) for name, policy in CHECKPOINT_POLICIES.items()
+            if policy.compare is not None]
+"""The policies `estimate` compares, with their options (Policy.compare)."""
 
 UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}

@@ -18,8 +18,7 @@ import functools
 
 import torch
 
-from ..checkpointing import STORAGES
-from ..checkpointing.policies import check_policy, plan_for
+from ..checkpointing.policies import get_policy
 from ..modules.config import TransformerConfig
 from ..modules.transformer import TransformerLayer, make_norm
 from .planner import (
@@ -143,21 +142,15 @@ def estimate(cfg: TransformerConfig, *, batch: int, seq: int, policy: str = "non
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if seq > cfg.max_seq_len:
         raise ValueError(f"seq ({seq}) exceeds cfg.max_seq_len ({cfg.max_seq_len})")
-    if storage not in STORAGES:
-        raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
-    check_policy(policy, policy_options)
-    if storage in ("int8", "fp8") and policy in ("none", "selective") or \
-            storage == "cpu" and policy == "selective":
-        raise ValueError(f"storage={storage!r} does not apply to policy {policy!r} "
-                         f"(see ckpt_attn.apply_checkpointing)")
+    chosen = get_policy(policy, policy_options, storage)
     terms = layer_terms(cfg, batch, seq, dtype)
     naive = naive_attention_terms(cfg, batch, seq, dtype)
     costs, final_norm, norm_transient = _chain(cfg, batch, seq, dtype)
-    if policy == "budget":
+    if chosen.planned:
         segments = plan_layers(costs, policy_options["budget_bytes"], final_norm,
                                norm_transient).segments
     else:
-        segments = plan_for(policy, cfg.num_layers, policy_options)
+        segments = chosen.segments(cfg.num_layers, policy_options)
     plan = plan_cost(costs, segments, final_norm, norm_transient)
     # int8/fp8: a byte per element and an fp32 scale per token
     quantized_input = batch * seq * (cfg.hidden_size + 4)
@@ -225,6 +218,18 @@ def plan(cfg: TransformerConfig, *, batch: int, seq: int, budget_bytes: float,
     """The checkpoint plan for Transformer(cfg) with least recompute FLOPs whose predicted
     peak fits budget_bytes (see plan_layers); ValueError with the minimum if none does."""
     estimate(cfg, batch=batch, seq=seq, dtype=dtype)  # checks the arguments
-    check_policy("budget", {"budget_bytes": budget_bytes})
+    get_policy("budget", {"budget_bytes": budget_bytes})
     costs, final_norm, norm_transient = _chain(cfg, batch, seq, dtype)
     return plan_layers(costs, budget_bytes, final_norm, norm_transient)
+
+
+def plan_chain(layers, x: torch.Tensor, args: tuple = (), kwargs: dict | None = None, *,
+               budget_bytes: float, tail: torch.nn.Module | None = None) -> Plan:
+    """The plan with least recompute FLOPs whose predicted peak fits budget_bytes for a
+    model's chain of layers, called on an input like x (args and kwargs passed to every
+    layer) and followed by tail (a final norm, say) if given; the layers' costs are
+    measured on meta copies (layer_costs, tail_cost). The "budget" policy plans with it
+    (ckpt_attn.checkpointing.use_planner)."""
+    costs = layer_costs(layers, x, *args, **(kwargs or {}))
+    base, base_transient = tail_cost(tail, x) if tail is not None else (0, 0)
+    return plan_layers(costs, budget_bytes, base, base_transient)
