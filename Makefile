@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test bench lint gpu-check clean
+.PHONY: install test bench lint gpu-check codegen tune clean
 
 install: $(STAMP)
 
@@ -34,6 +34,16 @@ lint: install
 	$(PY) -m pip install -q "ruff>=0.5"
 	$(PY) -m ruff check .
 
+# What ptxas makes of every kernel, compiled for sm_90a and sm_80 exactly as a
+# launch specializes it (no GPU needed): benchmarks/results/sm90_codegen.md.
+codegen: install
+	TRITON_DEFAULT_FP_FUSION=1 $(PY) -m benchmarks.codegen
+
+# On a CUDA machine: time the launch table's candidates and write the fastest to
+# kernels/tuned/sm_<arch>.json, which the launcher then tries first.
+tune: install
+	$(PY) -m benchmarks.tune
+
 # On a CUDA machine: the GPU tests, then a short benchmark (run even if a test
 # fails), results under benchmarks/results/; fails if a test failed. Under 8
 # minutes on one H100/H200. Needs no network where torch, triton, pytest,
@@ -43,6 +53,9 @@ gpu-check: install
 	status=0; \
 	$(PY) -m pytest -q -m gpu tests 2>&1 | tee benchmarks/results/gpu-tests.txt || status=$$?; \
 	$(PY) -m benchmarks.bench_attention --quick --out benchmarks/results; \
+	echo "ptxas's report of the kernels just timed (sm_90a, bf16; see sm90_codegen.md):"; \
+	TRITON_DEFAULT_FP_FUSION=1 $(PY) -m benchmarks.codegen --arch 90 --dtype bf16 \
+		--head-dim 64 128 --out benchmarks/results/gpu-codegen; \
 	exit $$status
 
 clean:

@@ -26,6 +26,7 @@ from .forward import input_precision, mask_launch_args, packed_launch_args
 from .launch_config import launch, padded_head_dim
 from .masking import (
     dropout_keep,
+    head_dim_mask,
     key_range,
     mask_scores,
     query_range,
@@ -48,7 +49,7 @@ def _attn_bwd_preprocess(O, DO, DLSE, DELTA,
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     rows_ok = offs_m < seqlen_q
-    tile_ok = rows_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    tile_ok = rows_ok[:, None] & head_dim_mask(offs_d, HEAD_DIM, BLOCK_D)[None, :]
     rows = offs_m[:, None].to(tl.int64)
     o = tl.load(O + off_b * stride_ob + off_h * stride_oh + rows * stride_om + offs_d[None, :],
                 mask=tile_ok, other=0.0)
@@ -62,51 +63,67 @@ def _attn_bwd_preprocess(O, DO, DLSE, DELTA,
 
 
 @triton.jit
-def _load_row_stats(LSE, DELTA, row_base, offs_m, seqlen_q):
+def _load_row_stats(lse_ptrs, delta_ptrs, rows_ok):
     """lse in the log2 domain (+inf for rows with no visible key, so their P is 0) and delta."""
-    rows_ok = offs_m < seqlen_q
-    lse = tl.load(LSE + row_base + offs_m, mask=rows_ok, other=0.0)
+    lse = tl.load(lse_ptrs, mask=rows_ok, other=0.0)
     lse = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(DELTA + row_base + offs_m, mask=rows_ok, other=0.0)
+    delta = tl.load(delta_ptrs, mask=rows_ok, other=0.0)
     return lse, delta
 
 
 @triton.jit
+def _probabilities(s, lse, qk_scale, MASKED: tl.constexpr):
+    """P = exp2(s - lse) from raw scores s (already scaled and masked when MASKED). P <= 1
+    exactly; the min keeps rounding from overflowing exp2 at huge scores, and lets NaN through."""
+    if MASKED:
+        s = s - lse
+    else:
+        s = s * qk_scale - lse
+    return tl.math.exp2(tl.minimum(s, 0.0, propagate_nan=tl.PropagateNan.ALL))
+
+
+@triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
-                         LSE, DELTA, lse_row_base, rng_row_base, offs_m, offs_n, offs_d, lo, hi,
+                         lse_base, delta_base, rng_row_base, offs_m, offs_n, d_ok, lo, hi,
                          seqlen_q, seqlen_k, qk_scale, mask_base, stride_mm, stride_mn,
                          window_left, window_right, seed, dropout_p,
                          CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
                          HAS_WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr,
-                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                         INPUT_PRECISION: tl.constexpr):
-    d_ok = offs_d < HEAD_DIM
+                         BLOCK_M: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    # scalar 64-bit bases advanced by a loop-invariant step (see the forward's inner loop)
+    q_tile = q_base + tl.cast(lo, tl.int64) * stride_qm
+    do_tile = do_base + tl.cast(lo, tl.int64) * stride_dom
+    lse_tile = lse_base + lo
+    delta_tile = delta_base + lo
+    q_step = tl.cast(stride_qm, tl.int64) * BLOCK_M
+    do_step = tl.cast(stride_dom, tl.int64) * BLOCK_M
+    if DROPOUT:  # Philox index of pair (row, col): (rng_row_base + row) * seqlen_k + col
+        rng_tile = (rng_row_base + tl.cast(lo, tl.int64)) * seqlen_k
+        rng_rows = offs_m[None, :].to(tl.int64) * seqlen_k
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
         if MASKED:
             q_mask = (rows[:, None] < seqlen_q) & d_ok[None, :]
         else:
             q_mask = d_ok[None, :]
-        row0 = tl.cast(start_m, tl.int64)
-        q = tl.load(q_base + row0 * stride_qm + q_offs, mask=q_mask, other=0.0)
-        do = tl.load(do_base + row0 * stride_dom + do_offs, mask=q_mask, other=0.0)
-        lse, delta = _load_row_stats(LSE, DELTA, lse_row_base, rows, seqlen_q)
+        q = tl.load(q_tile + q_offs, mask=q_mask, other=0.0)
+        do = tl.load(do_tile + do_offs, mask=q_mask, other=0.0)
+        lse, delta = _load_row_stats(lse_tile + offs_m, delta_tile + offs_m, rows < seqlen_q)
         # -- P^T for this tile: (BLOCK_N, BLOCK_M) --
-        s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale
+        s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)
         if MASKED:
             # rows past seqlen_q are masked too: their q and dO were loaded as 0
-            s_t = mask_scores(s_t, rows[None, :], offs_n[:, None], seqlen_q, seqlen_k,
-                              mask_base, stride_mm, stride_mn, window_left, window_right,
-                              CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW)
+            s_t = mask_scores(s_t * qk_scale, rows[None, :], offs_n[:, None], seqlen_q,
+                              seqlen_k, mask_base, stride_mm, stride_mn, window_left,
+                              window_right, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW)
             s_t = tl.where(rows[None, :] < seqlen_q, s_t, float("-inf"))
-        # P <= 1 exactly; the min keeps rounding from overflowing exp2 at huge scores.
-        p_t = tl.math.exp2(tl.minimum(s_t - lse[None, :], 0.0))
+        p_t = _probabilities(s_t, lse[None, :], qk_scale, MASKED)
         dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
         if DROPOUT:
             # the forward's mask, regenerated: dV = Z^T dO with Z = keep * P / (1 - p),
             # and dP = keep * (dO V^T) / (1 - p)
-            keep_t = dropout_keep(seed, rng_row_base, rows[None, :], offs_n[:, None], seqlen_k,
-                                  dropout_p)
+            keep_t = dropout_keep(seed, rng_tile, rng_rows, offs_n[:, None], dropout_p)
+            rng_tile += tl.cast(seqlen_k, tl.int64) * BLOCK_M
             z_t = tl.where(keep_t, p_t / (1.0 - dropout_p), 0.0)
             dp_t = tl.where(keep_t, dp_t / (1.0 - dropout_p), 0.0)
         else:
@@ -115,6 +132,10 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_
         # -- dS^T = P^T * (dP^T - delta) --
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
+        q_tile += q_step
+        do_tile += do_step
+        lse_tile += BLOCK_M
+        delta_tile += BLOCK_M
     return dk, dv
 
 
@@ -144,7 +165,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, MASK, CU_Q, CU_K, DK, DV, sm_scale,
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    kv_ok = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
+    d_ok = head_dim_mask(offs_d, HEAD_DIM, BLOCK_D)
+    kv_ok = (offs_n[:, None] < seqlen_k) & d_ok[None, :]
     tile_n = tl.arange(0, BLOCK_N)[:, None]
     key0 = k_start + tl.cast(start_n, tl.int64)
     k = tl.load(K + off_b * stride_kb + off_hk * stride_kh + key0 * stride_kn
@@ -179,35 +201,35 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, MASK, CU_Q, CU_K, DK, DV, sm_scale,
         do_base = DO + off_b * stride_dob + off_h * stride_doh + q_start * stride_dom
         mask_base = MASK + off_b * stride_mb + off_h * stride_mh
         off_bh = off_b * num_heads_kv * group_size + off_h
-        lse_row_base = off_bh * lse_stride + q_start
+        lse_base = LSE + off_bh * lse_stride + q_start
+        delta_base = DELTA + off_bh * lse_stride + q_start
         rng_row_base = off_bh * seqlen_q
         if MASK_KIND != 0 or HAS_WINDOW:
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
-                LSE, DELTA, lse_row_base, rng_row_base, offs_m, offs_n, offs_d, lo, hi, seqlen_q,
+                lse_base, delta_base, rng_row_base, offs_m, offs_n, d_ok, lo, hi, seqlen_q,
                 seqlen_k, qk_scale, mask_base, stride_mm, stride_mn, window_left, window_right,
                 seed, dropout_p, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, True,
-                HEAD_DIM, BLOCK_M, INPUT_PRECISION)
+                BLOCK_M, INPUT_PRECISION)
         else:
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
-                LSE, DELTA, lse_row_base, rng_row_base, offs_m, offs_n, offs_d, lo, mid, seqlen_q,
+                lse_base, delta_base, rng_row_base, offs_m, offs_n, d_ok, lo, mid, seqlen_q,
                 seqlen_k, qk_scale, mask_base, stride_mm, stride_mn, window_left, window_right,
                 seed, dropout_p, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, True,
-                HEAD_DIM, BLOCK_M, INPUT_PRECISION)
+                BLOCK_M, INPUT_PRECISION)
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
-                LSE, DELTA, lse_row_base, rng_row_base, offs_m, offs_n, offs_d, mid, full,
+                lse_base, delta_base, rng_row_base, offs_m, offs_n, d_ok, mid, full, seqlen_q,
+                seqlen_k, qk_scale, mask_base, stride_mm, stride_mn, window_left, window_right,
+                seed, dropout_p, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, False,
+                BLOCK_M, INPUT_PRECISION)
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
+                lse_base, delta_base, rng_row_base, offs_m, offs_n, d_ok, full, seqlen_q_loop,
                 seqlen_q, seqlen_k, qk_scale, mask_base, stride_mm, stride_mn, window_left,
                 window_right, seed, dropout_p, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT,
-                False,
-                HEAD_DIM, BLOCK_M, INPUT_PRECISION)
-            dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
-                LSE, DELTA, lse_row_base, rng_row_base, offs_m, offs_n, offs_d, full,
-                seqlen_q_loop, seqlen_q, seqlen_k, qk_scale, mask_base, stride_mm, stride_mn,
-                window_left, window_right, seed, dropout_p, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW,
-                DROPOUT, True, HEAD_DIM, BLOCK_M, INPUT_PRECISION)
+                True, BLOCK_M, INPUT_PRECISION)
 
     dk *= sm_scale
     tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + key0 * stride_dkn
@@ -218,14 +240,22 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, MASK, CU_Q, CU_K, DK, DV, sm_scale,
 
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs,
-                       stride_kn, stride_vn, offs_m, offs_n, offs_d, lo, hi, seqlen_q, seqlen_k,
+                       stride_kn, stride_vn, offs_m, offs_n, d_ok, lo, hi, seqlen_q, seqlen_k,
                        qk_scale, mask_base, stride_mm, stride_mn, window_left, window_right,
                        seed, rng_row_base, dropout_p, dbias_base, stride_dbm,
                        CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
                        HAS_WINDOW: tl.constexpr, DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr,
-                       MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                       MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
                        INPUT_PRECISION: tl.constexpr):
-    d_ok = offs_d < HEAD_DIM
+    # scalar 64-bit bases advanced by a loop-invariant step (see the forward's inner loop)
+    k_tile = k_base + tl.cast(lo, tl.int64) * stride_kn
+    v_tile = v_base + tl.cast(lo, tl.int64) * stride_vn
+    k_step = tl.cast(stride_kn, tl.int64) * BLOCK_N
+    v_step = tl.cast(stride_vn, tl.int64) * BLOCK_N
+    dbias_tile = dbias_base + lo
+    if DROPOUT:  # Philox index of pair (row, col): (rng_row_base + row) * seqlen_k + col
+        rng_tile = rng_row_base * seqlen_k + tl.cast(lo, tl.int64)
+        rng_rows = offs_m[:, None].to(tl.int64) * seqlen_k
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         if MASKED:
@@ -233,29 +263,31 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs,
         else:
             kv_mask = d_ok[:, None]
         # K^T and V^T tiles: (BLOCK_D, BLOCK_N)
-        key0 = tl.cast(start_n, tl.int64)
-        k_t = tl.load(k_base + key0 * stride_kn + k_offs, mask=kv_mask, other=0.0)
-        v_t = tl.load(v_base + key0 * stride_vn + v_offs, mask=kv_mask, other=0.0)
-        s = tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale
+        k_t = tl.load(k_tile + k_offs, mask=kv_mask, other=0.0)
+        v_t = tl.load(v_tile + v_offs, mask=kv_mask, other=0.0)
+        s = tl.dot(q, k_t, input_precision=INPUT_PRECISION)
         if MASKED:
-            s = mask_scores(s, offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, mask_base,
-                            stride_mm, stride_mn, window_left, window_right,
+            s = mask_scores(s * qk_scale, offs_m[:, None], cols[None, :], seqlen_q, seqlen_k,
+                            mask_base, stride_mm, stride_mn, window_left, window_right,
                             CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW)
-        p = tl.math.exp2(tl.minimum(s - lse[:, None], 0.0))  # P <= 1, as in dK/dV
+        p = _probabilities(s, lse[:, None], qk_scale, MASKED)
         dp = tl.dot(do, v_t, input_precision=INPUT_PRECISION)
         if DROPOUT:
-            keep = dropout_keep(seed, rng_row_base, offs_m[:, None], cols[None, :], seqlen_k,
-                                dropout_p)
+            keep = dropout_keep(seed, rng_tile, rng_rows, offs_n[None, :], dropout_p)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+            rng_tile += BLOCK_N
         ds = p * (dp - delta[:, None])
         # -- the gradient of an additive mask is dS itself (S = scale * q k^T + mask) --
         if BIAS_GRAD == 1:
-            tl.store(dbias_base + offs_m[:, None].to(tl.int64) * stride_dbm + cols[None, :], ds,
-                     mask=(offs_m[:, None] < seqlen_q) & (cols[None, :] < seqlen_k))
+            tl.store(dbias_tile + offs_m[:, None].to(tl.int64) * stride_dbm + offs_n[None, :],
+                     ds, mask=(offs_m[:, None] < seqlen_q) & (cols[None, :] < seqlen_k))
         elif BIAS_GRAD == 2:  # mask broadcast over queries: this block's rows summed
             ds_rows = tl.where(offs_m[:, None] < seqlen_q, ds, 0.0)
-            tl.store(dbias_base + cols, tl.sum(ds_rows, 0), mask=cols < seqlen_k)
+            tl.store(dbias_tile + offs_n, tl.sum(ds_rows, 0), mask=cols < seqlen_k)
         dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=INPUT_PRECISION)
+        k_tile += k_step
+        v_tile += v_step
+        dbias_tile += BLOCK_N
     return dq
 
 
@@ -287,14 +319,16 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, CU_Q, CU_K, DQ, DBIAS, sm_scale,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     tile_m = tl.arange(0, BLOCK_M)[:, None]
-    tile_ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
+    d_ok = head_dim_mask(offs_d, HEAD_DIM, BLOCK_D)
+    tile_ok = (offs_m[:, None] < seqlen_q) & d_ok[None, :]
     row0 = q_start + tl.cast(start_m, tl.int64)
     q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + row0 * stride_qm
                 + tile_m * stride_qm + offs_d[None, :], mask=tile_ok, other=0.0)
     do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + row0 * stride_dom
                  + tile_m * stride_dom + offs_d[None, :], mask=tile_ok, other=0.0)
-    lse, delta = _load_row_stats(LSE, DELTA, off_bh.to(tl.int64) * lse_stride + q_start, offs_m,
-                                 seqlen_q)
+    row_base = off_bh.to(tl.int64) * lse_stride + q_start
+    lse, delta = _load_row_stats(LSE + row_base + offs_m, DELTA + row_base + offs_m,
+                                 offs_m < seqlen_q)
     k_base = K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn
     v_base = V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vn
     k_offs = offs_n[None, :] * stride_kn + offs_d[:, None]
@@ -314,25 +348,25 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, CU_Q, CU_K, DQ, DBIAS, sm_scale,
                            CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn,
-            offs_m, offs_n, offs_d, lo, hi, seqlen_q, seqlen_k, qk_scale, mask_base,
+            offs_m, offs_n, d_ok, lo, hi, seqlen_q, seqlen_k, qk_scale, mask_base,
             stride_mm, stride_mn, window_left, window_right, seed, rng_row_base, dropout_p,
             dbias_base, stride_dbm, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, BIAS_GRAD,
-            True, HEAD_DIM, BLOCK_N, INPUT_PRECISION)
+            True, BLOCK_N, INPUT_PRECISION)
     else:
         # -- key range, as in the forward: [0, full) unmasked, [full, hi) masked --
         full, hi = unmasked_key_split(start_m, seqlen_k_loop, CAUSAL, BLOCK_M, BLOCK_N)
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn,
-            offs_m, offs_n, offs_d, 0, full, seqlen_q, seqlen_k, qk_scale, mask_base,
+            offs_m, offs_n, d_ok, 0, full, seqlen_q, seqlen_k, qk_scale, mask_base,
             stride_mm, stride_mn, window_left, window_right, seed, rng_row_base, dropout_p,
             dbias_base, stride_dbm, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, BIAS_GRAD,
-            False, HEAD_DIM, BLOCK_N, INPUT_PRECISION)
+            False, BLOCK_N, INPUT_PRECISION)
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn,
-            offs_m, offs_n, offs_d, full, hi, seqlen_q, seqlen_k, qk_scale, mask_base,
+            offs_m, offs_n, d_ok, full, hi, seqlen_q, seqlen_k, qk_scale, mask_base,
             stride_mm, stride_mn, window_left, window_right, seed, rng_row_base, dropout_p,
             dbias_base, stride_dbm, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, BIAS_GRAD,
-            True, HEAD_DIM, BLOCK_N, INPUT_PRECISION)
+            True, BLOCK_N, INPUT_PRECISION)
 
     dq *= sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + row0 * stride_dqm
@@ -357,9 +391,9 @@ def attention_backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Ten
     batch, heads_q, seqlen_q, head_dim = q.shape
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
     group = heads_q // heads_kv
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     block_d = padded_head_dim(head_dim)
     precision = input_precision(q.dtype)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty_like(lse)
     if dlse is not None:
         dlse = dlse.to(torch.float32).contiguous()
@@ -389,17 +423,18 @@ def attention_backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Ten
          dk.stride(0), dk.stride(1), dk.stride(2),
          dv.stride(0), dv.stride(1), dv.stride(2),
          heads_kv, group, seqlen_q, seqlen_k, seqlen_q, *window, seed, dropout_p),
-        constexprs, key_major=True, block_d=block_d, element_size=q.element_size(),
+        constexprs, kernel="dkdv", block_d=block_d, element_size=q.element_size(),
     )
     dbias, bias_grad = _mask_grad_buffer(mask_grad_shape, q, k)
     launch(
         _attn_bwd_dq,
         lambda cfg: (triton.cdiv(programs_q, cfg.block_m), batch * heads_q, sequences),
-        (q, k, v, do, lse, delta, mask_ptr, cu_q, cu_k, dq, dbias, scale, *strides_in,
+        (q, k, v, do, lse, delta, mask_ptr, cu_q, cu_k, dq, dbias, scale,
+         *strides_in,
          dq.stride(0), dq.stride(1), dq.stride(2),
          dbias.stride(0), dbias.stride(1), dbias.stride(2),
          heads_q, group, seqlen_q, seqlen_k, seqlen_q, *window, seed, dropout_p),
-        {**constexprs, "BIAS_GRAD": bias_grad}, key_major=False, block_d=block_d,
+        {**constexprs, "BIAS_GRAD": bias_grad}, kernel="dq", block_d=block_d,
         element_size=q.element_size(),
     )
     if not bias_grad:

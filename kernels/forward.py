@@ -21,28 +21,43 @@ import triton
 import triton.language as tl
 
 from .launch_config import launch, padded_head_dim
-from .masking import dropout_keep, key_range, mask_scores, sequence_bounds, unmasked_key_split
+from .masking import (
+    dropout_keep,
+    head_dim_mask,
+    key_range,
+    mask_scores,
+    sequence_bounds,
+    unmasked_key_split,
+)
 
 
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn,
-                    offs_m, offs_n, offs_d, lo, hi, seqlen_q, seqlen_k, qk_scale,
+                    offs_m, offs_n, d_ok, lo, hi, seqlen_q, seqlen_k, qk_scale,
                     mask_base, stride_mm, stride_mn, window_left, window_right,
                     seed, rng_row_base, dropout_p,
                     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
                     HAS_WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    INPUT_PRECISION: tl.constexpr):
-    d_ok = offs_d < HEAD_DIM
+                    BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    # Scalar 64-bit tile bases advanced by a loop-invariant step: an index multiplied
+    # inside the loop gets widened by LLVM, and that serializes Hopper's wgmma.
+    k_tile = k_base + tl.cast(lo, tl.int64) * stride_kn
+    v_tile = v_base + tl.cast(lo, tl.int64) * stride_vn
+    k_step = tl.cast(stride_kn, tl.int64) * BLOCK_N
+    v_step = tl.cast(stride_vn, tl.int64) * BLOCK_N
+    if DROPOUT:  # Philox index of pair (row, col): (rng_row_base + row) * seqlen_k + col
+        rng_tile = rng_row_base * seqlen_k + tl.cast(lo, tl.int64)
+        rng_rows = offs_m[:, None].to(tl.int64) * seqlen_k
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k_ptrs = k_base + tl.cast(start_n, tl.int64) * stride_kn + k_offs
-        v_ptrs = v_base + tl.cast(start_n, tl.int64) * stride_vn + v_offs
         # -- scores of this tile (log2 domain) --
         if MASKED:
-            k_t = tl.load(k_ptrs, mask=d_ok[:, None] & (cols[None, :] < seqlen_k), other=0.0)
+            k_t = tl.load(k_tile + k_offs, mask=d_ok[:, None] & (cols[None, :] < seqlen_k),
+                          other=0.0)
         else:
-            k_t = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+            k_t = tl.load(k_tile + k_offs, mask=d_ok[:, None], other=0.0)
+        # The scale is not folded into exp2's argument (max(qk) * scale, then one FMA per
+        # score): at D=128 with 128x128 tiles ptxas then spills (24 bytes), scaled it doesn't.
         qk = tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale
         if MASKED:
             qk = mask_scores(qk, offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, mask_base,
@@ -56,17 +71,19 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn,
         l_i = l_i * alpha + tl.sum(p, 1)
         # -- accumulate P V --
         if MASKED:
-            v = tl.load(v_ptrs, mask=(cols[:, None] < seqlen_k) & d_ok[None, :], other=0.0)
+            v = tl.load(v_tile + v_offs, mask=(cols[:, None] < seqlen_k) & d_ok[None, :], other=0.0)
         else:
-            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+            v = tl.load(v_tile + v_offs, mask=d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None]
         if DROPOUT:
             # l_i normalises the undropped P; O = dropout(P) V, kept entries scaled 1/(1-p)
-            keep = dropout_keep(seed, rng_row_base, offs_m[:, None], cols[None, :], seqlen_k,
-                                dropout_p)
+            keep = dropout_keep(seed, rng_tile, rng_rows, offs_n[None, :], dropout_p)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+            rng_tile += BLOCK_N
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
         m_i = m_new
+        k_tile += k_step
+        v_tile += v_step
     return acc, l_i, m_i
 
 
@@ -96,7 +113,7 @@ def _attn_fwd(Q, K, V, O, LSE, MASK, CU_Q, CU_K, sm_scale,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     rows_ok = offs_m < seqlen_q
-    d_ok = offs_d < HEAD_DIM
+    d_ok = head_dim_mask(offs_d, HEAD_DIM, BLOCK_D)
 
     # Scalar bases in int64 (B * H * S * D may pass 2**31 elements); offsets
     # inside one tile stay int32.
@@ -123,28 +140,25 @@ def _attn_fwd(Q, K, V, O, LSE, MASK, CU_Q, CU_K, sm_scale,
                            CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn,
-            offs_m, offs_n, offs_d, lo, hi, seqlen_q, seqlen_k, qk_scale,
+            offs_m, offs_n, d_ok, lo, hi, seqlen_q, seqlen_k, qk_scale,
             mask_base, stride_mm, stride_mn, window_left, window_right,
             seed, rng_row_base, dropout_p,
-            CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, True, HEAD_DIM, BLOCK_N, BLOCK_D,
-            INPUT_PRECISION)
+            CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, True, BLOCK_N, INPUT_PRECISION)
     else:
         # -- [0, full) is visible to every row of the block; [full, hi) needs masks --
         full, hi = unmasked_key_split(start_m, seqlen_k_loop, CAUSAL, BLOCK_M, BLOCK_N)
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn,
-            offs_m, offs_n, offs_d, 0, full, seqlen_q, seqlen_k, qk_scale,
+            offs_m, offs_n, d_ok, 0, full, seqlen_q, seqlen_k, qk_scale,
             mask_base, stride_mm, stride_mn, window_left, window_right,
             seed, rng_row_base, dropout_p,
-            CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, False, HEAD_DIM, BLOCK_N, BLOCK_D,
-            INPUT_PRECISION)
+            CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, False, BLOCK_N, INPUT_PRECISION)
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn,
-            offs_m, offs_n, offs_d, full, hi, seqlen_q, seqlen_k, qk_scale,
+            offs_m, offs_n, d_ok, full, hi, seqlen_q, seqlen_k, qk_scale,
             mask_base, stride_mm, stride_mn, window_left, window_right,
             seed, rng_row_base, dropout_p,
-            CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, True, HEAD_DIM, BLOCK_N, BLOCK_D,
-            INPUT_PRECISION)
+            CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, True, BLOCK_N, INPUT_PRECISION)
 
     # -- epilogue: rows with no visible key give O = 0 and lse = -inf --
     empty = l_i == 0.0
@@ -224,7 +238,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
              HAS_WINDOW=tuple(window) != (-1, -1), DROPOUT=dropout_p > 0,
              VARLEN=packed is not None, HEAD_DIM=head_dim,
              INPUT_PRECISION=input_precision(q.dtype)),
-        key_major=False,
+        kernel="fwd",
         block_d=padded_head_dim(head_dim),
         element_size=q.element_size(),
     )

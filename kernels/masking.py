@@ -44,6 +44,17 @@ def mask_scores(s, rows, cols, seqlen_q, seqlen_k, mask_base, stride_mm, stride_
 
 
 @triton.jit
+def head_dim_mask(offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Which of the tile's BLOCK_D columns are real head dims. When the head dim is a
+    power of two the mask is a constant True, which the compiler folds out of every
+    load and store instead of predicating each copy on offs_d < HEAD_DIM."""
+    if HEAD_DIM == BLOCK_D:
+        return tl.full([BLOCK_D], 1, tl.int1)
+    else:
+        return offs_d < HEAD_DIM
+
+
+@triton.jit
 def key_range(start_m, seqlen_k, window_left, window_right,
               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -90,11 +101,15 @@ def query_range(start_n, seqlen_q, window_left, window_right,
 
 
 @triton.jit
-def dropout_keep(seed, rng_row_base, rows, cols, seqlen_k, dropout_p):
+def dropout_keep(seed, tile_base, row_offs, col_offs, dropout_p):
     """True where dropout keeps the pair: Philox via tl.rand on the pair's global index
-    (rng_row_base + row) * seqlen_k + col, in int64, the same in forward and backward."""
-    offsets = (rng_row_base + rows.to(tl.int64)) * seqlen_k + cols
-    return tl.rand(seed, offsets) >= dropout_p
+    (rng_row_base + row) * seqlen_k + col in int64, the same in forward and backward.
+
+    Callers split that index into a scalar int64 tile_base, advanced by a constant
+    step as their loop moves on (a loop index in int64 arithmetic serializes wgmma,
+    see forward.py), and loop-invariant in-tile offsets row_offs and col_offs.
+    """
+    return tl.rand(seed, tile_base + row_offs + col_offs) >= dropout_p
 
 
 @triton.jit

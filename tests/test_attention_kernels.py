@@ -171,14 +171,16 @@ def test_mixed_layouts(backend):
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-@pytest.mark.parametrize("scale", [0.03, 1.7])
-def test_explicit_scale(backend, scale):
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("scale", [0.03, 1.7, -0.3, 0.0])
+def test_explicit_scale(backend, scale, causal):
+    """Any finite scale, negative and zero included."""
     q, k, v, do = make_inputs((1, 2, 1, 40, 50, 32), torch.float16)
-    o, _, grads = run_attention(q, k, v, do, backend=backend, causal=True, scale=scale)
-    assert_attention_within_rule(o, grads, q, k, v, do, causal=True, scale=scale,
+    o, _, grads = run_attention(q, k, v, do, backend=backend, causal=causal, scale=scale)
+    assert_attention_within_rule(o, grads, q, k, v, do, causal=causal, scale=scale,
                                  label=f"{backend} float16 scale")
     # the scale really is used: the default one gives a different O
-    assert not torch.allclose(o, ckpt_attn.attention(q, k, v, causal=True, backend=backend))
+    assert not torch.allclose(o, ckpt_attn.attention(q, k, v, causal=causal, backend=backend))
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
