@@ -257,7 +257,9 @@ def main() -> None:
                   flush=True)
     if not args.json:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "sm90_codegen.md").write_text(markdown(reports) + "\n")
+        header = (f"# ptxas report, Triton {triton.__version__}, B={BATCH} H={HEADS} S={SEQLEN} "
+                  "(make codegen regenerates this file)\n\n")
+        (args.out / "sm90_codegen.md").write_text(header + markdown(reports) + "\n")
 
 
 if __name__ == "__main__":
