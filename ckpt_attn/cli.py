@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .checkpointing import POLICIES as CHECKPOINT_POLICIES
-from .memory import estimate, plan
+from .memory import estimate, layer_terms, plan
 from .memory.report import GIB, gib
 from .modules.config import MLPS, NORMS, TransformerConfig
 
@@ -59,6 +59,12 @@ MODEL_FLAGS = {"layers": "num_layers", "hidden": "hidden_size", "heads": "num_he
                "kv_heads": "num_kv_heads", "ffn": "ffn_hidden_size", "mlp": "mlp",
                "norm": "norm", "dropout": "dropout"}
 PLOT_BUDGETS = 10  # evenly spaced budgets the --plot frontier sweeps
+MAX_LAYERS = 512
+"""The most layers the CLI models: plan (its time grows as L^2 log L) answers in seconds."""
+MAX_BYTES = 2**60
+"""The largest budget, weights or activations (bytes) the CLI models, 1 EiB: beyond any
+memory, and within torch's int64 tensor sizes, so every estimate is exact."""
+NEGATIVE = re.compile(r"-\.?\d")  # a negative number, perhaps with a unit: -5GiB, -.5, -1e3
 
 
 class UsageError(Exception):
@@ -75,8 +81,10 @@ class _Parser(argparse.ArgumentParser):
 def parse_bytes(text: str) -> int:
     """Bytes from "123456" or a number and a unit ("40GiB", "1.5 gb"): B, KB, MB, GB, TB
     (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024), any case. Fractions of a byte
-    are dropped; ValueError unless the result is at least one byte."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*", text, re.IGNORECASE)
+    are dropped; ValueError unless the result is at least one byte (a negative number
+    reads, and is not)."""
+    match = re.fullmatch(r"\s*(-?(?:\d+(?:\.\d*)?|\.\d+))\s*([a-z]*)\s*", text,
+                         re.IGNORECASE)
     if not match or match.group(2).lower() not in UNITS | {"": 1}:
         raise ValueError(f"cannot read {text!r} as bytes: expected a number, optionally with "
                          f"a unit B, KB, MB, GB, TB, KiB, MiB, GiB or TiB (e.g. 40GiB)")
@@ -89,9 +97,12 @@ def parse_bytes(text: str) -> int:
 
 def _budget(text: str) -> int:
     try:
-        return parse_bytes(text)
+        nbytes = parse_bytes(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+    if nbytes > MAX_BYTES:
+        raise argparse.ArgumentTypeError(f"{text!r} is more than 2**60 bytes (1 EiB)")
+    return nbytes
 
 
 def _flags(message: str) -> str:
@@ -135,9 +146,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def bench_parser() -> argparse.ArgumentParser:
+    """The options of benchmarks.bench_attention, to check its arguments before it runs:
+    its own parser prints a usage block on errors, not one line."""
+    parser = _Parser(prog=f"{PROG} bench", add_help=False)
+    parser.add_argument("-h", "--help", action="store_true")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path)
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ckpt-attn command line on argv (default sys.argv[1:]); the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv[:1] != ["bench"]:  # the benchmark reads its own arguments
+            argv = _attach_negative_values(argv)
         args, rest = build_parser().parse_known_args(argv)
         if args.command == "bench":
             return _bench(rest)
@@ -149,6 +173,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except SystemExit as exit_:  # --help, or the benchmark's own parser
         return 0 if exit_.code is None else exit_.code
+
+
+def _attach_negative_values(argv: list[str]) -> list[str]:
+    """argv with "--flag -5GiB" as "--flag=-5GiB": argparse takes a token that starts with
+    "-" and is not a plain negative number for a flag, so "expected one argument" would
+    hide the value's own error (a budget less than one byte, say)."""
+    attached = []
+    for token in argv:
+        if attached and attached[-1].startswith("--") and "=" not in attached[-1] \
+                and attached[-1] != "--" and NEGATIVE.match(token):
+            attached[-1] += f"={token}"
+        else:
+            attached.append(token)
+    return attached
 
 
 def model_config(args: argparse.Namespace) -> tuple[TransformerConfig, int]:
@@ -169,7 +207,27 @@ def model_config(args: argparse.Namespace) -> tuple[TransformerConfig, int]:
         cfg = TransformerConfig(**kwargs | {"max_seq_len": max(max_seq_len, seq)})
     except (TypeError, ValueError) as error:
         raise UsageError(_flags(str(error))) from None
+    if cfg.num_layers > MAX_LAYERS:
+        raise UsageError(f"--layers must be at most {MAX_LAYERS}, got {cfg.num_layers}")
+    check_size(cfg, args.batch, seq, DTYPES[args.dtype])
     return cfg, seq
+
+
+def check_size(cfg: TransformerConfig, batch: int, seq: int, dtype: torch.dtype) -> None:
+    """A UsageError if the layers' weight matrices, or the activations they keep without
+    checkpointing, would take more than MAX_BYTES."""
+    weights = cfg.num_layers * dtype.itemsize * cfg.hidden_size * (
+        2 * cfg.hidden_size + 2 * cfg.num_kv_heads * cfg.head_dim
+        + (3 if cfg.mlp == "swiglu" else 2) * cfg.ffn_hidden_size)
+    activations = cfg.num_layers * sum(t.bytes for t in layer_terms(cfg, batch, seq, dtype))
+    for what, nbytes, flags in (
+            ("weight matrices", weights, "--layers, --hidden or --ffn"),
+            ("activations without checkpointing", activations,
+             "--batch, --seq, --layers, --hidden or --ffn")):
+        if nbytes > MAX_BYTES:
+            raise UsageError(f"the layers' {what} would take at least "
+                             f"2**{nbytes.bit_length() - 1} bytes, more than 2**60 (1 EiB): "
+                             f"lower {flags}")
 
 
 def _default(field: str):
@@ -203,7 +261,10 @@ def estimate_table(estimates: list, labels: list[str]) -> str:
 
 def _estimate(args) -> int:
     cfg, seq = model_config(args)
-    figure_class = _matplotlib_figure() if args.plot else None
+    figure_class = None
+    if args.plot:
+        figure_class = _matplotlib_figure()
+        check_plot_path(args.plot, figure_class())
     dtype = DTYPES[args.dtype]
     estimates = [estimate(cfg, batch=args.batch, seq=seq, policy=policy, dtype=dtype, **options)
                  for policy, options in POLICIES]
@@ -231,6 +292,20 @@ def _matplotlib_figure():
     except ImportError:
         raise UsageError("--plot needs matplotlib: pip install 'ckpt-attn[plot]'") from None
     return Figure
+
+
+def check_plot_path(path: Path, figure) -> None:
+    """A UsageError unless figure.savefig can write path: a file of a format matplotlib
+    writes (png without a suffix), in an existing directory."""
+    if path.is_dir():
+        raise UsageError(f"--plot {path} is a directory")
+    if not path.parent.is_dir():
+        raise UsageError(f"--plot {path}: {path.parent} is not a directory")
+    suffix = path.suffix.lower().removeprefix(".")
+    formats = figure.canvas.get_supported_filetypes()
+    if suffix and suffix not in formats:
+        raise UsageError(f"--plot {path}: matplotlib cannot write .{suffix} files, only "
+                         f"{', '.join(sorted(formats))}")
 
 
 def budget_frontier(cfg, batch, seq, dtype, estimates) -> list[tuple[float, float]]:
@@ -297,8 +372,19 @@ def _bench(argv: list[str]) -> int:
             raise
         raise UsageError("bench needs the benchmarks/ folder of a ckpt-attn source "
                          "checkout; an installed ckpt-attn does not include it") from None
-    bench.main(argv)
+    out = bench_parser().parse_args(argv).out or bench.DEFAULT_OUT
+    try:
+        bench.main(argv)
+    except OSError as error:  # making or writing the results directory
+        if error.filename is None or not _related(Path(error.filename), out):
+            raise
+        raise UsageError(f"--out {out}: {error.strerror}") from None
     return 0
+
+
+def _related(path: Path, directory: Path) -> bool:
+    """Whether path is directory, inside it, or one of its parents."""
+    return path == directory or directory in path.parents or path in directory.parents
 
 
 def _import_bench():

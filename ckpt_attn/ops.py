@@ -122,18 +122,35 @@ _attention_forward.register_autograd(_backward, setup_context=_setup_context)
 
 def visible_pairs(seqlen_q: int, seqlen_k: int, causal: bool,
                   window: tuple[int, int] = (-1, -1)) -> int:
-    """Number of (query, key) pairs attention computes, given causal and the window."""
+    """Number of (query, key) pairs attention computes, given causal and the window: the
+    pairs of query i < seqlen_q and key j < seqlen_k with j <= i (causal, top-left
+    aligned), i - left <= j (left >= 0) and j <= i + right (right >= 0). Closed form,
+    exact in Python ints."""
     left, right = window
-    pairs = 0
-    for row in range(seqlen_q):
-        first = max(row - left, 0) if left >= 0 else 0
-        last = seqlen_k - 1
-        if right >= 0:
-            last = min(last, row + right)
-        if causal:
-            last = min(last, row)
-        pairs += max(last - first + 1, 0)
+    if seqlen_q <= 0 or seqlen_k <= 0:
+        return 0
+    if causal or right >= 0:
+        pairs = _pairs_below(seqlen_q, seqlen_k, 0 if causal else right)
+    else:
+        pairs = seqlen_q * seqlen_k
+    if left >= 0:  # less those left of the window
+        pairs -= _pairs_below(seqlen_q, seqlen_k, -left - 1)
     return pairs
+
+
+def _pairs_below(seqlen_q: int, seqlen_k: int, offset: int) -> int:
+    """Number of pairs of query i < seqlen_q and key j < seqlen_k with j <= i + offset:
+    row i holds min(max(i + offset + 1, 0), seqlen_k) of them."""
+    return (_clamped_sum(offset + 1 + seqlen_q, seqlen_k)
+            - _clamped_sum(offset + 1, seqlen_k))
+
+
+def _clamped_sum(stop: int, bound: int) -> int:
+    """The sum of min(max(x, 0), bound) over the integers x < stop."""
+    stop = max(stop, 0)
+    if stop <= bound + 1:
+        return stop * (stop - 1) // 2
+    return bound * (bound + 1) // 2 + (stop - bound - 1) * bound
 
 
 def _pairs(q, k, causal, window, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> int:

@@ -1,21 +1,25 @@
 """The ckpt-attn command line (ckpt_attn.cli): estimate, plan and bench, and its errors."""
 
+import itertools
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from reference import visible_pairs_mask
 
 from ckpt_attn import cli
 from ckpt_attn.cli import main, parse_bytes
 from ckpt_attn.memory import estimate, plan
 from ckpt_attn.memory.report import GIB, gib
 from ckpt_attn.modules.config import TransformerConfig
+from ckpt_attn.ops import visible_pairs
 
 ROOT = Path(cli.__file__).resolve().parents[1]
 SMALL = ["--layers", "3", "--hidden", "128", "--heads", "4", "--batch", "2", "--seq", "256"]
@@ -320,3 +324,176 @@ def test_console_script(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert list(table_rows(result.stdout)) == LABELS
+
+
+# --- hardening: absurd flags, huge models and long sequences answer in seconds --------
+
+INT_FLAGS = ["--layers", "--hidden", "--heads", "--kv-heads", "--ffn", "--batch", "--seq"]
+
+
+@pytest.mark.parametrize("command", ["estimate", "plan"])
+@pytest.mark.parametrize("flag", INT_FLAGS)
+@pytest.mark.parametrize("value", ["1e12", "1.5", "abc", "", "-1e3", "-.5", "0x10"])
+def test_non_int_values_of_int_flags_name_the_flag(capsys, command, flag, value):
+    budget = ["--budget", "1GiB"] if command == "plan" else []
+    assert_usage_error(*run(capsys, command, *SMALL, *budget, flag, value),
+                       f"argument {flag}: invalid int value")
+
+
+@pytest.mark.parametrize("argv", [["--budget", "-5GiB"], ["--budget=-5GiB"],
+                                  ["--budget", "-0.5"], ["--budget", "-.5KiB"],
+                                  ["--budget", "-0"]])
+def test_negative_budgets_are_read_and_refused(capsys, argv):
+    assert_usage_error(*run(capsys, "plan", *SMALL, *argv), "argument --budget: ",
+                       "is less than one byte")
+
+
+def test_budgets_beyond_any_memory_are_refused(capsys):
+    assert_usage_error(*run(capsys, "plan", *SMALL, "--budget", "2000000TiB"),
+                       "argument --budget: '2000000TiB' is more than 2**60 bytes")
+    assert run(capsys, "plan", *SMALL, "--budget", str(2**60))[0] == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--layers", "2", "--hidden", str(2**40), "--heads", str(2**32)],
+     "weight matrices would take at least 2**85 bytes, more than 2**60"),
+    (["--preset", "gpt2", "--ffn", str(2**64)], "weight matrices"),
+    (["--preset", "gpt2", "--batch", str(10**12)],
+     "activations without checkpointing would take at least 2**68 bytes"),
+    (["--preset", "gpt2", "--seq", str(2**64)], "lower --batch, --seq"),
+    (["--preset", "llama-70b", "--seq", str(10**11)], "more than 2**60 (1 EiB)"),
+    (["--preset", "gpt2", "--layers", str(2**64)], f"--layers must be at most 512, got {2**64}"),
+    (["--preset", "gpt2", "--layers", "513"], "--layers must be at most 512, got 513"),
+    (["--preset", "gpt2", "--hidden", str(2**64)], "--heads (12) must divide --hidden"),
+    (["--preset", "gpt2", "--heads", str(2**64)], f"--heads ({2**64}) must divide"),
+    (["--preset", "gpt2", "--kv-heads", str(2**40)], f"--kv-heads ({2**40}) must divide"),
+    (["--preset", "gpt2", "--dropout", "1e400"], "--dropout must be a float in [0, 1), got inf"),
+])
+@pytest.mark.parametrize("command", ["estimate", "plan"])
+def test_models_beyond_any_memory_are_refused_with_the_bound(capsys, command, argv, message):
+    budget = ["--budget", "1GiB"] if command == "plan" else []
+    start = time.perf_counter()
+    assert_usage_error(*run(capsys, command, *argv, *budget), message)
+    assert time.perf_counter() - start < 30
+
+
+@pytest.mark.parametrize("command", ["estimate", "plan"])
+@pytest.mark.parametrize("flag", [*INT_FLAGS, "--dropout", "--mlp", "--norm", "--dtype",
+                                  "--preset", "--budget", "--plot"])
+@pytest.mark.parametrize("value", ["-1", "0", str(2**40), str(2**64), "1.5", "abc", "-5GiB"])
+def test_every_flag_answers_absurd_values_with_a_result_or_one_line(capsys, tmp_path, command,
+                                                                    flag, value):
+    budget = ["--budget", "1GiB"] if command == "plan" and flag != "--budget" else []
+    value = str(tmp_path / f"{value}.png") if flag == "--plot" else value
+    start = time.perf_counter()
+    code, out, err = run(capsys, command, *SMALL, *budget, flag, value)
+    assert code in (0, 2)
+    if code == 2:
+        assert_usage_error(code, out, err)
+    assert time.perf_counter() - start < 30
+
+
+@pytest.mark.parametrize("path, message", [
+    ("/etc/hostname/pareto.png", "/etc/hostname is not a directory"),
+    ("missing/pareto.png", "missing is not a directory"),
+    (".", ". is a directory"),
+    ("pareto.foo", "matplotlib cannot write .foo files, only"),
+])
+def test_plot_paths_that_cannot_be_written_are_refused_first(capsys, tmp_path, monkeypatch,
+                                                             path, message):
+    if path.startswith("/etc/hostname") and not Path("/etc/hostname").is_file():
+        path, message = "/dev/null/pareto.png", "/dev/null is not a directory"
+    monkeypatch.chdir(tmp_path)
+    assert_usage_error(*run(capsys, "estimate", *SMALL, "--plot", path), "--plot", message)
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """benchmarks.bench_attention, its benchmarks replaced by making the results folder
+    (what they do first)."""
+    bench = pytest.importorskip("benchmarks.bench_attention")
+    for name in ("run_cpu", "run_gpu"):
+        monkeypatch.setattr(bench, name,
+                            lambda out, *args: out.mkdir(parents=True, exist_ok=True))
+    return bench
+
+
+def test_bench_out_that_cannot_be_a_folder_is_one_line(capsys, tmp_path, bench):
+    regular = tmp_path / "file"
+    regular.write_text("")
+    assert_usage_error(*run(capsys, "bench", "--quick", "--out", str(regular / "x")),
+                       f"--out {regular / 'x'}: Not a directory")
+    assert_usage_error(*run(capsys, "bench", "--out", str(regular)), f"--out {regular}: ")
+    assert run(capsys, "bench", "--quick", "--out", str(tmp_path / "results"))[0] == 0
+    assert (tmp_path / "results").is_dir()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--bogus"], "unrecognized arguments: --bogus"), (["extra"], "unrecognized arguments"),
+    (["--quick=1"], "argument --quick"), (["--out"], "argument --out: expected one argument"),
+])
+def test_bad_bench_arguments_are_one_line_before_it_runs(capsys, bench, monkeypatch, argv,
+                                                         message):
+    monkeypatch.setattr(bench, "main", lambda argv: pytest.fail("the benchmark ran"))
+    assert_usage_error(*run(capsys, "bench", *argv), message)
+
+
+def test_bench_options_are_the_benchmarks(capsys, bench):
+    """cli.bench_parser, which checks the benchmark's arguments, has its options."""
+    code, out, _ = run(capsys, "bench", "--help")  # the benchmark's own help
+    assert code == 0
+    assert set(re.findall(r"--[a-z][a-z-]*", out)) \
+        == set(re.findall(r"--[a-z][a-z-]*", cli.bench_parser().format_help()))
+
+
+def visible_pairs_by_rows(seqlen_q, seqlen_k, causal, window):
+    """visible_pairs, row by row: query i sees keys max(i - left, 0) .. min(S_k - 1,
+    i + right, i if causal), a side below 0 unbounded (ckpt_attn's former loop)."""
+    left, right = window
+    pairs = 0
+    for row in range(seqlen_q):
+        first = max(row - left, 0) if left >= 0 else 0
+        last = seqlen_k - 1
+        if right >= 0:
+            last = min(last, row + right)
+        if causal:
+            last = min(last, row)
+        pairs += max(last - first + 1, 0)
+    return pairs
+
+
+def test_visible_pairs_closed_form_counts_every_small_case_as_row_by_row():
+    sides = [-1, 0, 1, 2, 5, 20]
+    for seqlen_q, seqlen_k, causal, left, right in itertools.product(
+            range(13), range(13), [False, True], sides, sides):
+        assert visible_pairs(seqlen_q, seqlen_k, causal, (left, right)) \
+            == visible_pairs_by_rows(seqlen_q, seqlen_k, causal, (left, right)), \
+            (seqlen_q, seqlen_k, causal, left, right)
+        # the mask the kernel tests use: causal top-left aligned
+        mask = visible_pairs_mask(seqlen_q, seqlen_k, causal=causal, window=(left, right))
+        assert visible_pairs(seqlen_q, seqlen_k, causal, (left, right)) == int(mask.sum())
+
+
+def test_visible_pairs_of_long_sequences_is_exact_and_instant():
+    start = time.perf_counter()
+    seqlen = 10**11
+    assert visible_pairs(seqlen, seqlen, False) == seqlen**2
+    assert visible_pairs(seqlen, seqlen, True) == seqlen * (seqlen + 1) // 2
+    assert visible_pairs(seqlen, seqlen, True, (255, 0)) == 256 * seqlen - 255 * 256 // 2
+    assert visible_pairs(seqlen, 2 * seqlen, False, (-1, 0)) == seqlen * (seqlen + 1) // 2
+    assert time.perf_counter() - start < 1
+
+
+def test_estimate_of_a_long_sequence_answers_in_seconds(tmp_path):
+    def estimate_seq(*argv):
+        return subprocess.run([sys.executable, "-m", "ckpt_attn", "estimate", *argv,
+                               "--seq", str(10**11), "--json"], capture_output=True,
+                              text=True, cwd=tmp_path, env=subprocess_env(), timeout=120)
+
+    result = estimate_seq("--preset", "gpt2")
+    assert result.returncode == 0, result.stderr
+    entries = json.loads(result.stdout)
+    assert entries[0]["policy"] == "none" and entries[0]["peak_bytes"] <= 2**60
+    result = estimate_seq("--preset", "llama-70b")  # beyond any memory
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "2**60" in result.stderr

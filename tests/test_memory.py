@@ -29,6 +29,7 @@ from ckpt_attn.memory import (
     plan_cost,
     plan_layers,
 )
+from ckpt_attn.memory.planner import segment_cost
 from ckpt_attn.modules import transformer
 
 POLICIES = [("none", {}), ("full", {}), ("uniform", {"every": 2}), ("sqrt", {}),
@@ -252,6 +253,58 @@ def test_planner_is_fast_on_a_deep_heterogeneous_chain():
     chosen = plan_layers(costs, floor * 1.5)
     assert chosen.peak_bytes <= floor * 1.5
     assert time.perf_counter() - start < 30
+
+
+def least_recompute(costs, budget, base, base_transient):
+    """The least recompute of a plan that fits budget, or None: a dynamic program over
+    every kept byte count of every prefix (no Pareto pruning), each segment costed by
+    segment_cost."""
+    plans = [{0: 0}]  # per prefix: kept bytes -> least recompute of its plans that fit
+    for stop in range(1, len(costs) + 1):
+        best = {}
+        for start in range(stop):
+            for mode in ["none", "selective", "full"] if stop - start == 1 else ["full"]:
+                seg_kept, seg_recompute, transient = segment_cost(costs,
+                                                                  Segment(start, stop, mode))
+                for kept, recompute in plans[start].items():
+                    total = recompute + seg_recompute
+                    if kept + seg_kept + transient <= budget \
+                            and total < best.get(kept + seg_kept, total + 1):
+                        best[kept + seg_kept] = total
+        plans.append(best)
+    return min((recompute for kept, recompute in plans[-1].items()
+                if base + kept + base_transient <= budget), default=None)
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("equal_layers", [False, True])
+def test_planner_matches_an_exhaustive_program_on_longer_chains(seed, equal_layers):
+    rng = random.Random(seed)
+    n = rng.randint(7, 40)
+    costs = [random_costs(rng, 1)[0]] * n if equal_layers else random_costs(rng, n)
+    base, base_transient = rng.randint(0, 20), rng.randint(0, 30)
+    floor = min_peak(costs, base, base_transient)
+    assert least_recompute(costs, floor, base, base_transient) is not None
+    assert least_recompute(costs, floor - 1, base, base_transient) is None
+    ceiling = plan_cost(costs, [Segment(i, i + 1, "none") for i in range(n)], base,
+                        base_transient).peak_bytes
+    for budget in sorted({floor, ceiling, *rng.sample(range(floor, ceiling + 1), 6)}):
+        chosen = plan_layers(costs, budget, base, base_transient)
+        assert chosen.recompute_flops == least_recompute(costs, budget, base, base_transient)
+        assert chosen.peak_bytes <= budget
+
+
+def test_planner_plans_256_layers_in_bounded_time():
+    cfg = ckpt_attn.TransformerConfig(num_layers=256, hidden_size=8192, num_heads=64,
+                                      num_kv_heads=8, ffn_hidden_size=28672)
+    none, full = (estimate(cfg, batch=1, seq=4096, policy=p) for p in ("none", "full"))
+    start = time.perf_counter()
+    for fraction in (0.1, 0.3, 0.6, 1.0):
+        budget = int(full.peak_bytes + fraction * (none.peak_bytes - full.peak_bytes))
+        assert plan(cfg, batch=1, seq=4096, budget_bytes=budget).peak_bytes <= budget
+    with pytest.raises(ValueError, match="smallest peak"):
+        plan(cfg, batch=1, seq=4096, budget_bytes=2**30)
+    assert time.perf_counter() - start < 60
 
 
 def test_budget_plan_fits_when_measured():

@@ -17,8 +17,13 @@ Pareto front of (kept bytes, recompute FLOPs) of the feasible plans of the prefi
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import itertools
+import math
+import operator
 from copy import deepcopy
+from typing import NamedTuple
 
 import torch
 from torch.utils._pytree import tree_map
@@ -113,63 +118,183 @@ def plan_layers(costs: list[LayerCost], budget_bytes: float, base_bytes: int = 0
     (kept bytes, recompute FLOPs) of the feasible plans of each prefix; a segment is
     feasible when the prefix's kept bytes plus its own kept bytes and transient fit.
     The least recompute is exact; the tie break by peak is among the plans the fronts
-    keep (of equal recompute, the one keeping the fewest bytes).
+    keep (of equal recompute, the one keeping the fewest bytes). Time: O(L^2 + P log L)
+    for L layers and P points over all fronts (see _fronts).
     """
-    fronts = _fronts(costs, lambda kept, seg_kept, transient, recompute, seg_recompute: (
-        recompute + seg_recompute if kept + seg_kept + transient <= budget_bytes else None))
-    fits = [point for point in fronts[-1]
-            if base_bytes + point[0] + base_transient <= budget_bytes]
+    fronts = _fronts(_Chain(costs), _floor(budget_bytes))
+    # kept ascends and recompute strictly descends along a front: the last point that
+    # fits has the least recompute
+    fits = bisect.bisect_right(fronts[-1].kept,
+                               _floor(budget_bytes) - base_bytes - base_transient)
     if not fits:
         floor = min_peak(costs, base_bytes, base_transient)
         raise ValueError(f"budget_bytes ({gib(budget_bytes)}) is below the smallest peak any "
                          f"checkpoint plan reaches, {gib(floor)} ({floor} bytes)")
-    plans = [plan_cost(costs, list(segments), base_bytes, base_transient)
-             for _, _, segments in fits]
-    return min(plans, key=lambda p: (p.recompute_flops, p.peak_bytes))
+    return plan_cost(costs, _plan_segments(fronts, fits - 1), base_bytes, base_transient)
 
 
 def min_peak(costs: list[LayerCost], base_bytes: int = 0, base_transient: int = 0) -> int:
-    """The smallest predicted peak over all plans."""
-    fronts = _fronts(costs, lambda kept, seg_kept, transient, peak, seg_recompute: max(
-        peak, kept + seg_kept + transient))
-    return min(max(peak, base_bytes + kept + base_transient) for kept, peak, _ in fronts[-1])
+    """The smallest predicted peak over all plans: the least budget some plan fits, found
+    by bisection, each budget checked in O(L^2)."""
+    chain = _Chain(costs)
+    low = 0
+    high = plan_cost(costs, [Segment(i, i + 1, "full") for i in range(len(costs))],
+                     base_bytes, base_transient).peak_bytes
+    while low < high:
+        middle = (low + high) // 2
+        if _fits(chain, middle, middle - base_bytes - base_transient):
+            high = middle
+        else:
+            low = middle + 1
+    return low
 
 
-def _fronts(costs, extend):
-    """fronts[j]: the Pareto front of (kept bytes, score, segments) over plans of layers
-    0..j-1, where extend(kept, seg_kept, transient, score, seg_recompute) gives the score
-    after one more segment, or None if that segment is not allowed."""
-    options = _segment_options(costs)
-    fronts = [[(0, 0, ())]] + [[] for _ in costs]
-    for stop in range(1, len(costs) + 1):
-        candidates = []
-        for segment, (seg_kept, seg_recompute, transient) in options[stop - 1]:
-            for kept, score, segments in fronts[segment.start]:
-                new_score = extend(kept, seg_kept, transient, score, seg_recompute)
-                if new_score is not None:
-                    candidates.append((kept + seg_kept, new_score, segments + (segment,)))
-        fronts[stop] = _pareto(candidates)
+class _Chain:
+    """A chain's costs in the form the dynamic programs use: prefix sums, and one-layer
+    segments.
+
+    segment_cost, rearranged: a full segment of layers s..j-1 after a plan of layers
+    0..s-1 that keeps k bytes with recompute r makes a plan that keeps
+    k + input_bytes[s] with recompute r - forward[s] + close_flops[j], and its own
+    kept bytes and transient fit a limit iff k - kept_none[s] <= limit - close_bytes[j]
+    (forward, kept_none: sums of the forward FLOPs and kept bytes under "none" of the
+    layers before s).
+    """
+
+    def __init__(self, costs: list[LayerCost]):
+        self.costs = costs
+        self.forward = list(itertools.accumulate((c.forward_flops for c in costs), initial=0))
+        self.kept_none = list(itertools.accumulate((c.kept_none_bytes for c in costs),
+                                                   initial=0))
+        lasts = list(enumerate(costs))
+        self.close_flops = [None] + [self.forward[i] + c.recompute_full_flops for i, c in lasts]
+        self.close_bytes = [None] + [self.kept_none[i] + c.input_bytes + c.transient_full_bytes
+                                     for i, c in lasts]
+
+    def one_layer(self, stop: int) -> list[tuple[str, int, int, int]]:
+        """(mode, kept bytes, recompute FLOPs, transient bytes) of the "none" and
+        "selective" segments of layer stop - 1."""
+        return [(mode, *segment_cost(self.costs, Segment(stop - 1, stop, mode)))
+                for mode in ("none", "selective")]
+
+
+def _fits(chain: _Chain, limit: int, final_limit: int) -> bool:
+    """Whether some plan's segments all fit limit and its kept bytes fit final_limit: the
+    plan keeping the fewest bytes of each prefix, among those whose segments fit, leaves
+    the most room to every later segment."""
+    least = [0]  # least[j]: the fewest bytes a plan of layers 0..j-1 keeps
+    for stop in range(1, len(chain.costs) + 1):
+        reach = limit - chain.close_bytes[stop]
+        best = min((least[s] + chain.costs[s].input_bytes for s in range(stop)
+                    if least[s] - chain.kept_none[s] <= reach), default=math.inf)
+        for _, kept, _, transient in chain.one_layer(stop):
+            if least[stop - 1] + kept + transient <= limit:
+                best = min(best, least[stop - 1] + kept)
+        least.append(best)
+    return least[-1] <= final_limit
+
+
+class _Front(NamedTuple):
+    """A Pareto front of (kept bytes, recompute FLOPs) of plans of a prefix of the chain,
+    kept ascending and recompute strictly descending. link[i]: (start, mode, index) of
+    the last segment of point i and of the point it extends in fronts[start]."""
+
+    kept: list[int]
+    recompute: list[int]
+    link: list[tuple[int, str, int] | None]
+
+
+def _fronts(chain: _Chain, limit: int) -> list[_Front]:
+    """fronts[j]: the Pareto front of the plans of layers 0..j-1 whose every segment fits
+    limit (the bytes kept up to and by it, plus its transient).
+
+    By _Chain's rearrangement, point i of fronts[s] is, for every j > s, one item (kept
+    bytes, recompute FLOPs less close_flops[j]) that a full segment s..j-1 can end,
+    alive at j iff its kept bytes less kept_none[s] are at most reach[j] =
+    limit - close_bytes[j]. Each node of a segment tree over j = 1..L holds the Pareto
+    front of the items alive at all of its j; at leaf j that one, shifted, merges with
+    the plans whose last segment is one "none" or "selective" layer. Each item enters
+    O(log L) nodes if reach decreases with j (as in a chain of equal layers), and each
+    node bisects every front before it once: O(L^2 + P log L) for P points in all.
+    """
+    reach = [None] + [limit - close for close in chain.close_bytes[1:]]
+    fronts = [_Front([0], [0], [None])]
+
+    def items(source: int, low, high) -> list:
+        """The items of fronts[source] whose kept bytes less kept_none[source] are in
+        (low, high]."""
+        front, offset = fronts[source], chain.kept_none[source]
+        kept, forward = chain.costs[source].input_bytes, chain.forward[source]
+        return [(front.kept[i] + kept, front.recompute[i] - forward, (source, "full", i))
+                for i in range(bisect.bisect_right(front.kept, low + offset),
+                               bisect.bisect_right(front.kept, high + offset))]
+
+    def visit(first: int, last: int, alive: _Front, parent_first: int, parent_reach):
+        """Leaves first..last, given the items alive at all j of the parent node, whose
+        first leaf is parent_first and whose least reach is parent_reach."""
+        node_reach = min(reach[first:last + 1])
+        # items alive at all j of the parent were in it; the fronts the parent's first
+        # leaves made bring their items in here first
+        candidates = list(zip(*alive, strict=True))
+        for source in range(first):
+            candidates += items(source, parent_reach if source < parent_first else -math.inf,
+                                node_reach)
+        alive = _pareto(candidates)
+        if first == last:
+            fronts.append(_close(chain, fronts[-1], alive, first, limit))
+        else:
+            middle = (first + last) // 2
+            visit(first, middle, alive, first, node_reach)
+            visit(middle + 1, last, alive, first, node_reach)
+
+    visit(1, len(chain.costs), _Front([], [], []), 0, -math.inf)
     return fronts
 
 
-def _segment_options(costs):
-    """For each last layer j, every segment ending at j with its cost."""
-    options = []
-    for last in range(len(costs)):
-        segments = [Segment(last, last + 1, "none"), Segment(last, last + 1, "selective")]
-        segments += [Segment(start, last + 1, "full") for start in range(last + 1)]
-        options.append([(s, segment_cost(costs, s)) for s in segments])
-    return options
+def _close(chain: _Chain, previous: _Front, alive: _Front, stop: int, limit: int) -> _Front:
+    """fronts[stop]: the items alive at stop ending a full segment there, and previous
+    (fronts[stop - 1]) extended by layer stop - 1 alone under "none" or "selective"."""
+    candidates = []
+    for mode, seg_kept, seg_recompute, transient in chain.one_layer(stop):
+        # the points that leave room for this segment: a prefix of the front
+        fit = bisect.bisect_right(previous.kept, limit - transient - seg_kept)
+        candidates += [(previous.kept[i] + seg_kept, previous.recompute[i] + seg_recompute,
+                        (stop - 1, mode, i)) for i in range(fit)]
+    close_flops = chain.close_flops[stop]
+    candidates += [(kept, recompute + close_flops, link)
+                   for kept, recompute, link in zip(*alive, strict=True)]
+    # of plans of equal cost _pareto keeps the first: one ending in a one-layer segment,
+    # which leaves the full segments, and their larger transients, earlier (less is kept
+    # before them)
+    return _pareto(candidates)
 
 
-def _pareto(points):
-    """Points not dominated in (kept, recompute), one per distinct pair."""
-    front, best_recompute = [], None
-    for point in sorted(points, key=lambda p: (p[0], p[1])):
-        if best_recompute is None or point[1] < best_recompute:
-            front.append(point)
-            best_recompute = point[1]
+def _floor(budget_bytes: float):
+    """The most whole bytes within budget_bytes (inf stays inf): compared with sums of
+    byte counts, exactly."""
+    return budget_bytes if budget_bytes == math.inf else math.floor(budget_bytes)
+
+
+def _pareto(candidates) -> _Front:
+    """The candidates (kept, recompute, link) not dominated in (kept, recompute), one per
+    distinct pair."""
+    front = _Front([], [], [])
+    for kept, recompute, link in sorted(candidates, key=operator.itemgetter(0, 1)):
+        if not front.recompute or recompute < front.recompute[-1]:
+            front.kept.append(kept)
+            front.recompute.append(recompute)
+            front.link.append(link)
     return front
+
+
+def _plan_segments(fronts: list[_Front], index: int) -> list[Segment]:
+    """The segments of point index of the last front, by its links."""
+    segments, stop = [], len(fronts) - 1
+    while stop:
+        start, mode, index = fronts[stop].link[index]
+        segments.append(Segment(start, stop, mode))
+        stop = start
+    return segments[::-1]
 
 
 def layer_costs(layers, x: torch.Tensor, *args, **kwargs) -> list[LayerCost]:
