@@ -17,7 +17,7 @@ Also the peak memory of forward+backward, ckpt_attn against naive attention.
 
 Without CUDA, what a CPU can say: (1) wall-clock ratios of the torch backend to
 SDPA on the CPU, timed interleaved in one run; (2) the exact bytes autograd keeps
-for backward, ckpt_attn vs SDPA vs naive attention vs the q+k+v+O+lse formula;
+for backward, ckpt_attn vs SDPA vs naive attention vs the q+k+v+O+row-statistics formula;
 (3) what torch.utils.flop_counter.FlopCounterMode counts. GPU throughput needs a
 CUDA GPU.
 
@@ -209,8 +209,9 @@ def saved_bytes(fn: Callable, *inputs: torch.Tensor) -> int:
 
 
 def formula_bytes(q: torch.Tensor) -> int:
-    """Bytes of q, k, v and O (each shaped like q here) plus the float32 logsumexp."""
-    return 4 * q.numel() * q.element_size() + q[..., 0].numel() * 4
+    """Bytes of q, k, v and O (each shaped like q here) plus two float32 row statistics
+    (row max and log row sum) per query row."""
+    return 4 * q.numel() * q.element_size() + q[..., 0].numel() * 2 * 4
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
@@ -318,7 +319,7 @@ class SavedBytes:
     ckpt_attn: int
     sdpa: int
     naive: int
-    formula: int  # q + k + v + O + lse
+    formula: int  # q + k + v + O + row statistics (2 fp32 per query row)
     softmax: int  # one B x H x S x S matrix in the inputs' dtype
 
 
@@ -414,7 +415,7 @@ def cpu_report(sizes: CpuSizes, timings: list[CpuTiming], saved: list[SavedBytes
         "included. naive is softmax(q k^T / sqrt(D)) v in plain torch ops (causal adds a "
         "bool S x S mask). The last column is naive / ckpt_attn.",
         "",
-        markdown_table(("S", "causal", "ckpt_attn", "SDPA", "naive", "q+k+v+O+lse",
+        markdown_table(("S", "causal", "ckpt_attn", "SDPA", "naive", "q+k+v+O+stats",
                         "one S x S", "ckpt_attn = formula", "naive / ckpt_attn"), saved_rows),
         "",
         f"## FLOPs counted by FlopCounterMode, forward + backward (S={sizes.flop_seqlen}, {shape})",

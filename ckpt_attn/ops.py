@@ -1,10 +1,11 @@
 """ckpt_attn.attention and attention_varlen: validate, pick a backend, run one custom op
 with registered autograd.
 
-The forward op saves exactly q, k, v, O and the logsumexp for backward (plus
-the caller's attn_mask, or the packed sequences' cumulative lengths, when
-given); the backward op recomputes the attention probabilities, and the
-dropout mask, from them. Both ops have
+The forward op saves exactly q, k, v, O and the row statistics for backward
+(the row max and log2 of the row sum, fp32, (B, H_q, S_q, 2); the logsumexp
+is their sum times ln 2), plus the caller's attn_mask, or the packed
+sequences' cumulative lengths, when given; the backward op recomputes the
+attention probabilities, and the dropout mask, from them. Both ops have
 fake (meta) implementations, so shapes propagate on the meta device, under
 FakeTensorMode and through torch.compile.
 """
@@ -29,6 +30,8 @@ from .validation import (
 )
 
 _LIB = "ckpt_attn"
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 
 
 @torch.library.custom_op(f"{_LIB}::attention_forward", mutates_args=())
@@ -46,25 +49,26 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 @_attention_forward.register_fake
 def _(q, k, v, mask, causal, scale, window_left, window_right, dropout_p, seed, cu_seqlens_q,
       cu_seqlens_k, max_seqlen_q, max_seqlen_k, backend):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=compute_dtype(q.dtype))
+    return torch.empty_like(q), q.new_empty((*q.shape[:3], 2), dtype=compute_dtype(q.dtype))
 
 
 @torch.library.custom_op(f"{_LIB}::attention_backward", mutates_args=())
 def _attention_backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor,
-                        k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                        k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, stats: torch.Tensor,
                         mask: torch.Tensor | None, causal: bool, scale: float, window_left: int,
                         window_right: int, dropout_p: float, seed: int,
                         cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
                         max_seqlen_q: int, max_seqlen_k: int, mask_grad: bool, backend: str
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    # The kernels read lse and dlse as dense (B, H_q, S_q) arrays and dO by rows with
-    # stride(-1) == 1 (e.g. the expanded gradient of o.sum() has every stride 0).
-    lse = lse.contiguous()
+    # The kernels read the row statistics and dlse as dense (B, H_q, S_q[, 2]) arrays and
+    # dO by rows with stride(-1) == 1 (e.g. the expanded gradient of o.sum() has every
+    # stride 0).
+    stats = stats.contiguous()
     dlse = None if dlse is None else dlse.contiguous()
     if do.stride(-1) != 1:
         do = do.contiguous()
     packed = _packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    dq, dk, dv, dmask = backends.backward(backend, do, dlse, q, k, v, o, lse, causal, scale,
+    dq, dk, dv, dmask = backends.backward(backend, do, dlse, q, k, v, o, stats, causal, scale,
                                           mask, (window_left, window_right), dropout_p, seed,
                                           packed, mask_grad)
     # an op returns tensors only: an empty one stands for "no mask gradient"
@@ -72,7 +76,7 @@ def _attention_backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Te
 
 
 @_attention_backward.register_fake
-def _(do, dlse, q, k, v, o, lse, mask, causal, scale, window_left, window_right, dropout_p, seed,
+def _(do, dlse, q, k, v, o, stats, mask, causal, scale, window_left, window_right, dropout_p, seed,
       cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask_grad, backend):
     dmask = torch.empty_like(mask) if mask_grad else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
@@ -89,30 +93,32 @@ def _packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> tuple | N
 def _setup_context(ctx, inputs, output):
     (q, k, v, mask, causal, scale, window_left, window_right, dropout_p, seed,
      cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, backend) = inputs
-    o, lse = output
+    o, stats = output
     # Optional extras: the caller's mask itself (never a copy or an expansion), needed
     # to recompute P, and the packed sequences' cumulative lengths.
     extras = [t for t in (mask, cu_seqlens_q, cu_seqlens_k) if t is not None]
     ctx.has_mask, ctx.is_packed = mask is not None, cu_seqlens_q is not None
-    ctx.save_for_backward(q, k, v, o, lse, *extras)
+    ctx.save_for_backward(q, k, v, o, stats, *extras)
     ctx.max_seqlens = (max_seqlen_q, max_seqlen_k)
     ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
     ctx.window = (window_left, window_right)
     # the dropout mask is regenerated from (seed, pair index), never stored
     ctx.dropout = (dropout_p, seed)
-    # Unused outputs (usually lse) arrive as None instead of a tensor of zeros.
+    # Unused outputs (usually the statistics) arrive as None instead of a tensor of zeros.
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, do, dlse):
-    q, k, v, o, lse, *extras = ctx.saved_tensors
+def _backward(ctx, do, dstats):
+    q, k, v, o, stats, *extras = ctx.saved_tensors
+    # the statistics reach the caller only through lse = (max + log2 sum) * ln 2
+    dlse = None if dstats is None else dstats[..., 0] * LOG2E
     mask = extras.pop(0) if ctx.has_mask else None
     cu_seqlens = extras if ctx.is_packed else [None, None]
     if do is None:
         do = torch.zeros_like(o)
     mask_grad = ctx.has_mask and ctx.needs_input_grad[3]
     dq, dk, dv, dmask = _attention_backward(
-        do, dlse, q, k, v, o, lse, mask, ctx.causal, ctx.scale, *ctx.window, *ctx.dropout,
+        do, dlse, q, k, v, o, stats, mask, ctx.causal, ctx.scale, *ctx.window, *ctx.dropout,
         *cu_seqlens, *ctx.max_seqlens, mask_grad, ctx.backend)
     return dq, dk, dv, dmask if mask_grad else None, *([None] * 11)
 
@@ -182,13 +188,19 @@ def _forward_flops(q, k, v, mask, causal, scale, window_left, window_right, drop
 
 
 @register_flop_formula(torch.ops.ckpt_attn.attention_backward, get_raw=True)
-def _backward_flops(do, dlse, q, k, v, o, lse, mask, causal, scale, window_left, window_right,
+def _backward_flops(do, dlse, q, k, v, o, stats, mask, causal, scale, window_left, window_right,
                     dropout_p, seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                     mask_grad, backend, out_val=None) -> int:
     batch, heads, _, head_dim = q.shape
     pairs = _pairs(q, k, causal, (window_left, window_right), cu_seqlens_q, cu_seqlens_k,
                    max_seqlen_q, max_seqlen_k)
     return 5 * 2 * batch * heads * head_dim * pairs
+
+
+def lse_from_stats(stats: torch.Tensor) -> torch.Tensor:
+    """The natural-log logsumexp, (B, H_q, S_q), from the op's row statistics (row max and
+    log2 of the row sum, log2 domain); differentiable, -inf for rows with no visible key."""
+    return (stats[..., 0] + stats[..., 1]) * LN2
 
 
 def _draw_seed() -> int:
@@ -231,7 +243,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Any strides with stride(-1) == 1 are accepted, so a (B, S, H, D) tensor can
     be passed as ``x.transpose(1, 2)`` without a copy; O has q's layout. D may be
     1..256; float16, bfloat16 and float32 are supported (float64 on the torch
-    backend). Backward saves only q, k, v, O and lse.
+    backend). Backward saves only q, k, v, O and two fp32 statistics per query row (the
+    row max and log2 of the row sum: kept apart, a bias shared by all of a row's keys,
+    even -1e9, still gives the softmax's exact gradient; lse is their sum).
 
     A query row with no visible key (masked out, or outside the window) gives
     O = 0, lse = -inf and zero gradients, never NaN.
@@ -248,9 +262,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     dropout_p = check_dropout(dropout_p)
     seed = _draw_seed() if dropout_p > 0 else 0
     resolved = backends.resolve_backend(backend, q)
-    o, lse = _attention_forward(q, k, v, attn_mask, causal, scale, window_left,
+    o, stats = _attention_forward(q, k, v, attn_mask, causal, scale, window_left,
                                 window_right, dropout_p, seed, None, None, 0, 0, resolved)
-    return (o, lse) if return_lse else o
+    return (o, lse_from_stats(stats)) if return_lse else o
 
 
 def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -1,4 +1,4 @@
-"""Attention backward: recompute P tile by tile from q, k and the saved logsumexp.
+"""Attention backward: recompute P tile by tile from q, k and the saved row statistics.
 
 Three kernels, no atomics, so the gradients are bitwise deterministic:
 
@@ -10,7 +10,8 @@ Three kernels, no atomics, so the gradients are bitwise deterministic:
 - dQ: a program owns BLOCK_M queries and streams over the keys; for a float
   attn_mask that requires grad it also writes dS, the mask's gradient.
 
-With P = exp(S - lse), dP = dO V^T and dS = P * (dP - delta):
+With P = exp2((S - max) - log2 sum) from the forward's row statistics, dP = dO V^T
+and dS = P * (dP - delta):
 dV = P^T dO, dK = scale * dS^T Q, dQ = scale * dS K. With dropout, the mask is
 regenerated from the seed: dV = Z^T dO with Z = keep * P / (1 - p), and dP is
 masked and scaled the same way before dS.
@@ -63,28 +64,34 @@ def _attn_bwd_preprocess(O, DO, DLSE, DELTA,
 
 
 @triton.jit
-def _load_row_stats(lse_ptrs, delta_ptrs, rows_ok):
-    """lse in the log2 domain (+inf for rows with no visible key, so their P is 0) and delta."""
-    lse = tl.load(lse_ptrs, mask=rows_ok, other=0.0)
-    lse = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+def _load_row_stats(stats_ptrs, delta_ptrs, rows_ok):
+    """(row max, log2 of the row sum, delta) of the forward (log2 domain). A row with no
+    visible key gets max +inf and log2 sum 0, so its P is 0."""
+    row_max = tl.load(stats_ptrs, mask=rows_ok, other=0.0)
+    log2_sum = tl.load(stats_ptrs + 1, mask=rows_ok, other=0.0)
+    empty = row_max == float("-inf")
+    row_max = tl.where(empty, float("inf"), row_max)
+    log2_sum = tl.where(empty, 0.0, log2_sum)
     delta = tl.load(delta_ptrs, mask=rows_ok, other=0.0)
-    return lse, delta
+    return row_max, log2_sum, delta
 
 
 @triton.jit
-def _probabilities(s, lse, qk_scale, MASKED: tl.constexpr):
-    """P = exp2(s - lse) from raw scores s (already scaled and masked when MASKED). P <= 1
-    exactly; the min keeps rounding from overflowing exp2 at huge scores, and lets NaN through."""
+def _probabilities(s, row_max, log2_sum, qk_scale, MASKED: tl.constexpr):
+    """P = exp2((s - max) - log2 sum) from raw scores s (already scaled and masked when
+    MASKED), the two statistics subtracted apart: a shared huge bias cancels in s - max
+    before log2 sum is taken off. P <= 1 exactly; the min keeps rounding from overflowing
+    exp2 at huge scores, and lets NaN through."""
     if MASKED:
-        s = s - lse
+        s = s - row_max
     else:
-        s = s * qk_scale - lse
-    return tl.math.exp2(tl.minimum(s, 0.0, propagate_nan=tl.PropagateNan.ALL))
+        s = s * qk_scale - row_max
+    return tl.math.exp2(tl.minimum(s - log2_sum, 0.0, propagate_nan=tl.PropagateNan.ALL))
 
 
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
-                         lse_base, delta_base, rng_row_base, offs_m, offs_n, d_ok, lo, hi,
+                         stats_base, delta_base, rng_row_base, offs_m, offs_n, d_ok, lo, hi,
                          seqlen_q, seqlen_k, qk_scale, mask_base, stride_mm, stride_mn,
                          window_left, window_right, seed, dropout_p,
                          CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
@@ -93,7 +100,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_
     # scalar 64-bit bases advanced by a loop-invariant step (see the forward's inner loop)
     q_tile = q_base + tl.cast(lo, tl.int64) * stride_qm
     do_tile = do_base + tl.cast(lo, tl.int64) * stride_dom
-    lse_tile = lse_base + lo
+    stats_tile = stats_base + 2 * lo
     delta_tile = delta_base + lo
     q_step = tl.cast(stride_qm, tl.int64) * BLOCK_M
     do_step = tl.cast(stride_dom, tl.int64) * BLOCK_M
@@ -108,7 +115,8 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_
             q_mask = d_ok[None, :]
         q = tl.load(q_tile + q_offs, mask=q_mask, other=0.0)
         do = tl.load(do_tile + do_offs, mask=q_mask, other=0.0)
-        lse, delta = _load_row_stats(lse_tile + offs_m, delta_tile + offs_m, rows < seqlen_q)
+        row_max, log2_sum, delta = _load_row_stats(stats_tile + 2 * offs_m,
+                                                   delta_tile + offs_m, rows < seqlen_q)
         # -- P^T for this tile: (BLOCK_N, BLOCK_M) --
         s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)
         if MASKED:
@@ -117,7 +125,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_
                               seqlen_k, mask_base, stride_mm, stride_mn, window_left,
                               window_right, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW)
             s_t = tl.where(rows[None, :] < seqlen_q, s_t, float("-inf"))
-        p_t = _probabilities(s_t, lse[None, :], qk_scale, MASKED)
+        p_t = _probabilities(s_t, row_max[None, :], log2_sum[None, :], qk_scale, MASKED)
         dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
         if DROPOUT:
             # the forward's mask, regenerated: dV = Z^T dO with Z = keep * P / (1 - p),
@@ -134,13 +142,13 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
         q_tile += q_step
         do_tile += do_step
-        lse_tile += BLOCK_M
+        stats_tile += 2 * BLOCK_M
         delta_tile += BLOCK_M
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, MASK, CU_Q, CU_K, DK, DV, sm_scale,
+def _attn_bwd_dkdv(Q, K, V, DO, STATS, DELTA, MASK, CU_Q, CU_K, DK, DV, sm_scale,
                    stride_qb, stride_qh, stride_qm,
                    stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn,
@@ -148,7 +156,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, MASK, CU_Q, CU_K, DK, DV, sm_scale,
                    stride_mb, stride_mh, stride_mm, stride_mn,
                    stride_dkb, stride_dkh, stride_dkn,
                    stride_dvb, stride_dvh, stride_dvn,
-                   num_heads_kv, group_size, seqlen_q, seqlen_k, lse_stride, window_left,
+                   num_heads_kv, group_size, seqlen_q, seqlen_k, row_stride, window_left,
                    window_right, seed, dropout_p,
                    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
                    HAS_WINDOW: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
@@ -201,32 +209,32 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, MASK, CU_Q, CU_K, DK, DV, sm_scale,
         do_base = DO + off_b * stride_dob + off_h * stride_doh + q_start * stride_dom
         mask_base = MASK + off_b * stride_mb + off_h * stride_mh
         off_bh = off_b * num_heads_kv * group_size + off_h
-        lse_base = LSE + off_bh * lse_stride + q_start
-        delta_base = DELTA + off_bh * lse_stride + q_start
+        stats_base = STATS + 2 * (off_bh * row_stride + q_start)
+        delta_base = DELTA + off_bh * row_stride + q_start
         rng_row_base = off_bh * seqlen_q
         if MASK_KIND != 0 or HAS_WINDOW:
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
-                lse_base, delta_base, rng_row_base, offs_m, offs_n, d_ok, lo, hi, seqlen_q,
+                stats_base, delta_base, rng_row_base, offs_m, offs_n, d_ok, lo, hi, seqlen_q,
                 seqlen_k, qk_scale, mask_base, stride_mm, stride_mn, window_left, window_right,
                 seed, dropout_p, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, True,
                 BLOCK_M, INPUT_PRECISION)
         else:
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
-                lse_base, delta_base, rng_row_base, offs_m, offs_n, d_ok, lo, mid, seqlen_q,
+                stats_base, delta_base, rng_row_base, offs_m, offs_n, d_ok, lo, mid, seqlen_q,
                 seqlen_k, qk_scale, mask_base, stride_mm, stride_mn, window_left, window_right,
                 seed, dropout_p, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, True,
                 BLOCK_M, INPUT_PRECISION)
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
-                lse_base, delta_base, rng_row_base, offs_m, offs_n, d_ok, mid, full, seqlen_q,
+                stats_base, delta_base, rng_row_base, offs_m, offs_n, d_ok, mid, full, seqlen_q,
                 seqlen_k, qk_scale, mask_base, stride_mm, stride_mn, window_left, window_right,
                 seed, dropout_p, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, False,
                 BLOCK_M, INPUT_PRECISION)
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
-                lse_base, delta_base, rng_row_base, offs_m, offs_n, d_ok, full, seqlen_q_loop,
+                stats_base, delta_base, rng_row_base, offs_m, offs_n, d_ok, full, seqlen_q_loop,
                 seqlen_q, seqlen_k, qk_scale, mask_base, stride_mm, stride_mn, window_left,
                 window_right, seed, dropout_p, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT,
                 True, BLOCK_M, INPUT_PRECISION)
@@ -239,7 +247,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, MASK, CU_Q, CU_K, DK, DV, sm_scale,
 
 
 @triton.jit
-def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs,
+def _attn_bwd_dq_inner(dq, q, do, row_max, log2_sum, delta, k_base, v_base, k_offs, v_offs,
                        stride_kn, stride_vn, offs_m, offs_n, d_ok, lo, hi, seqlen_q, seqlen_k,
                        qk_scale, mask_base, stride_mm, stride_mn, window_left, window_right,
                        seed, rng_row_base, dropout_p, dbias_base, stride_dbm,
@@ -270,7 +278,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs,
             s = mask_scores(s * qk_scale, offs_m[:, None], cols[None, :], seqlen_q, seqlen_k,
                             mask_base, stride_mm, stride_mn, window_left, window_right,
                             CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW)
-        p = _probabilities(s, lse[:, None], qk_scale, MASKED)
+        p = _probabilities(s, row_max[:, None], log2_sum[:, None], qk_scale, MASKED)
         dp = tl.dot(do, v_t, input_precision=INPUT_PRECISION)
         if DROPOUT:
             keep = dropout_keep(seed, rng_tile, rng_rows, offs_n[None, :], dropout_p)
@@ -292,7 +300,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs,
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, CU_Q, CU_K, DQ, DBIAS, sm_scale,
+def _attn_bwd_dq(Q, K, V, DO, STATS, DELTA, MASK, CU_Q, CU_K, DQ, DBIAS, sm_scale,
                  stride_qb, stride_qh, stride_qm,
                  stride_kb, stride_kh, stride_kn,
                  stride_vb, stride_vh, stride_vn,
@@ -300,7 +308,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, CU_Q, CU_K, DQ, DBIAS, sm_scale,
                  stride_mb, stride_mh, stride_mm, stride_mn,
                  stride_dqb, stride_dqh, stride_dqm,
                  stride_dbb, stride_dbh, stride_dbm,
-                 num_heads, group_size, seqlen_q, seqlen_k, lse_stride, window_left,
+                 num_heads, group_size, seqlen_q, seqlen_k, row_stride, window_left,
                  window_right, seed, dropout_p,
                  CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
                  HAS_WINDOW: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
@@ -326,9 +334,9 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, CU_Q, CU_K, DQ, DBIAS, sm_scale,
                 + tile_m * stride_qm + offs_d[None, :], mask=tile_ok, other=0.0)
     do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + row0 * stride_dom
                  + tile_m * stride_dom + offs_d[None, :], mask=tile_ok, other=0.0)
-    row_base = off_bh.to(tl.int64) * lse_stride + q_start
-    lse, delta = _load_row_stats(LSE + row_base + offs_m, DELTA + row_base + offs_m,
-                                 offs_m < seqlen_q)
+    row_base = off_bh.to(tl.int64) * row_stride + q_start
+    row_max, log2_sum, delta = _load_row_stats(STATS + 2 * (row_base + offs_m),
+                                               DELTA + row_base + offs_m, offs_m < seqlen_q)
     k_base = K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn
     v_base = V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vn
     k_offs = offs_n[None, :] * stride_kn + offs_d[:, None]
@@ -347,8 +355,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, CU_Q, CU_K, DQ, DBIAS, sm_scale,
         lo, hi = key_range(start_m, seqlen_k_loop, window_left, window_right,
                            CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
         dq = _attn_bwd_dq_inner(
-            dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn,
-            offs_m, offs_n, d_ok, lo, hi, seqlen_q, seqlen_k, qk_scale, mask_base,
+            dq, q, do, row_max, log2_sum, delta, k_base, v_base, k_offs, v_offs, stride_kn,
+            stride_vn, offs_m, offs_n, d_ok, lo, hi, seqlen_q, seqlen_k, qk_scale, mask_base,
             stride_mm, stride_mn, window_left, window_right, seed, rng_row_base, dropout_p,
             dbias_base, stride_dbm, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, BIAS_GRAD,
             True, BLOCK_N, INPUT_PRECISION)
@@ -356,14 +364,14 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, CU_Q, CU_K, DQ, DBIAS, sm_scale,
         # -- key range, as in the forward: [0, full) unmasked, [full, hi) masked --
         full, hi = unmasked_key_split(start_m, seqlen_k_loop, CAUSAL, BLOCK_M, BLOCK_N)
         dq = _attn_bwd_dq_inner(
-            dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn,
-            offs_m, offs_n, d_ok, 0, full, seqlen_q, seqlen_k, qk_scale, mask_base,
+            dq, q, do, row_max, log2_sum, delta, k_base, v_base, k_offs, v_offs, stride_kn,
+            stride_vn, offs_m, offs_n, d_ok, 0, full, seqlen_q, seqlen_k, qk_scale, mask_base,
             stride_mm, stride_mn, window_left, window_right, seed, rng_row_base, dropout_p,
             dbias_base, stride_dbm, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, BIAS_GRAD,
             False, BLOCK_N, INPUT_PRECISION)
         dq = _attn_bwd_dq_inner(
-            dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn,
-            offs_m, offs_n, d_ok, full, hi, seqlen_q, seqlen_k, qk_scale, mask_base,
+            dq, q, do, row_max, log2_sum, delta, k_base, v_base, k_offs, v_offs, stride_kn,
+            stride_vn, offs_m, offs_n, d_ok, full, hi, seqlen_q, seqlen_k, qk_scale, mask_base,
             stride_mm, stride_mn, window_left, window_right, seed, rng_row_base, dropout_p,
             dbias_base, stride_dbm, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, BIAS_GRAD,
             True, BLOCK_N, INPUT_PRECISION)
@@ -374,12 +382,13 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, MASK, CU_Q, CU_K, DQ, DBIAS, sm_scale,
 
 
 def attention_backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor,
-                       k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                       k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, stats: torch.Tensor,
                        causal: bool, scale: float, mask: torch.Tensor | None = None,
                        window: tuple[int, int] = (-1, -1), dropout_p: float = 0.0, seed: int = 0,
                        packed: tuple | None = None, mask_grad_shape: tuple | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Gradients (dq, dk, dv) of the attention forward, recomputing P from lse.
+    """Gradients (dq, dk, dv) of the attention forward, recomputing P from the forward's
+    row statistics `stats` (dense, (B, H_q, S_q, 2)).
 
     `do` must have stride(-1) == 1; `dlse`, if given, is the gradient of the
     returned logsumexp, shape (B, H_q, S_q); `mask`, `window`, `dropout_p` and
@@ -394,7 +403,7 @@ def attention_backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Ten
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     block_d = padded_head_dim(head_dim)
     precision = input_precision(q.dtype)
-    delta = torch.empty_like(lse)
+    delta = torch.empty(stats.shape[:3], device=q.device, dtype=torch.float32)
     if dlse is not None:
         dlse = dlse.to(torch.float32).contiguous()
 
@@ -419,7 +428,7 @@ def attention_backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Ten
     launch(
         _attn_bwd_dkdv,
         lambda cfg: (triton.cdiv(programs_k, cfg.block_n), batch * heads_kv, sequences),
-        (q, k, v, do, lse, delta, mask_ptr, cu_q, cu_k, dk, dv, scale, *strides_in,
+        (q, k, v, do, stats, delta, mask_ptr, cu_q, cu_k, dk, dv, scale, *strides_in,
          dk.stride(0), dk.stride(1), dk.stride(2),
          dv.stride(0), dv.stride(1), dv.stride(2),
          heads_kv, group, seqlen_q, seqlen_k, seqlen_q, *window, seed, dropout_p),
@@ -429,7 +438,7 @@ def attention_backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Ten
     launch(
         _attn_bwd_dq,
         lambda cfg: (triton.cdiv(programs_q, cfg.block_m), batch * heads_q, sequences),
-        (q, k, v, do, lse, delta, mask_ptr, cu_q, cu_k, dq, dbias, scale,
+        (q, k, v, do, stats, delta, mask_ptr, cu_q, cu_k, dq, dbias, scale,
          *strides_in,
          dq.stride(0), dq.stride(1), dq.stride(2),
          dbias.stride(0), dbias.stride(1), dbias.stride(2),

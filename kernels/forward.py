@@ -1,4 +1,4 @@
-"""Attention forward: online softmax over key tiles, writes O and the fp32 logsumexp.
+"""Attention forward: online softmax over key tiles, writes O and fp32 row statistics.
 
 FlashAttention-2's schedule: a program owns BLOCK_M query rows of one
 (batch, head) and streams the key/value tiles of that head through fp32
@@ -88,13 +88,13 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn,
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, MASK, CU_Q, CU_K, sm_scale,
+def _attn_fwd(Q, K, V, O, STATS, MASK, CU_Q, CU_K, sm_scale,
               stride_qb, stride_qh, stride_qm,
               stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn,
               stride_ob, stride_oh, stride_om,
               stride_mb, stride_mh, stride_mm, stride_mn,
-              num_heads, group_size, seqlen_q, seqlen_k, lse_stride, window_left,
+              num_heads, group_size, seqlen_q, seqlen_k, row_stride, window_left,
               window_right, seed, dropout_p,
               CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
               HAS_WINDOW: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
@@ -160,17 +160,17 @@ def _attn_fwd(Q, K, V, O, LSE, MASK, CU_Q, CU_K, sm_scale,
             seed, rng_row_base, dropout_p,
             CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, True, BLOCK_N, INPUT_PRECISION)
 
-    # -- epilogue: rows with no visible key give O = 0 and lse = -inf --
+    # -- epilogue: O, and the row statistics (max, log2 of the sum) that the backward
+    #    recomputes P from; rows with no visible key give O = 0 and statistics -inf --
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"),
-                   (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)  # ln(2)
     o_base = (O + off_b * stride_ob + off_h * stride_oh
               + (q_start + tl.cast(start_m, tl.int64)) * stride_om)
     tl.store(o_base + tl.arange(0, BLOCK_M)[:, None] * stride_om + offs_d[None, :],
              acc.to(O.dtype.element_ty), mask=tile_ok)
-    lse_ptrs = LSE + off_bh.to(tl.int64) * lse_stride + q_start + offs_m
-    tl.store(lse_ptrs, lse, mask=rows_ok)
+    stats_ptrs = STATS + 2 * (off_bh.to(tl.int64) * row_stride + q_start + offs_m)
+    tl.store(stats_ptrs, m_i, mask=rows_ok)
+    tl.store(stats_ptrs + 1, tl.math.log2(l_i), mask=rows_ok)
 
 
 def input_precision(dtype: torch.dtype) -> str:
@@ -214,19 +214,22 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
     with -1 for unbounded; dropout_p > 0 drops pairs by Philox(seed) on their
     index (b * H_q + h, i, j); `packed` (see packed_launch_args) runs packed
     sequences, each with its own dropout stream seed + s. Returns O (same shape
-    and, where dense, same strides as q) and the fp32 natural-log logsumexp of
-    shape (B, H_q, S_q).
+    and, where dense, same strides as q) and the fp32 row statistics, shape
+    (B, H_q, S_q, 2): the row max of the scores and log2 of the row sum, in the
+    log2 domain (logsumexp = (max + log2 sum) * ln 2). Kept apart, the backward
+    recomputes P = exp2(s - max - log2 sum) exactly even where every score of a
+    row carries the same huge bias, which a single fp32 logsumexp would swallow.
     """
     batch, heads_q, seqlen_q, head_dim = q.shape
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
     o = torch.empty_like(q)
-    lse = torch.empty((batch, heads_q, seqlen_q), device=q.device, dtype=torch.float32)
+    stats = torch.empty((batch, heads_q, seqlen_q, 2), device=q.device, dtype=torch.float32)
     mask_ptr, mask_strides, mask_kind, mask_row = mask_launch_args(mask, q)
     cu_q, cu_k, programs_q, _, sequences = packed_launch_args(packed, q, k)
     launch(
         _attn_fwd,
         lambda cfg: (triton.cdiv(programs_q, cfg.block_m), batch * heads_q, sequences),
-        (q, k, v, o, lse, mask_ptr, cu_q, cu_k, scale,
+        (q, k, v, o, stats, mask_ptr, cu_q, cu_k, scale,
          q.stride(0), q.stride(1), q.stride(2),
          k.stride(0), k.stride(1), k.stride(2),
          v.stride(0), v.stride(1), v.stride(2),
@@ -242,4 +245,4 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
         block_d=padded_head_dim(head_dim),
         element_size=q.element_size(),
     )
-    return o, lse
+    return o, stats

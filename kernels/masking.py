@@ -39,8 +39,18 @@ def mask_scores(s, rows, cols, seqlen_q, seqlen_k, mask_base, stride_mm, stride_
         if MASK_KIND == 1:
             visible = visible & (m != 0)
         else:
-            s = s + m.to(tl.float32) * 1.4426950408889634  # log2(e): s is in the log2 domain
+            s = s + _log2_domain(m.to(tl.float32))
     return tl.where(visible, s, float("-inf"))
+
+
+@triton.jit
+def _log2_domain(bias):
+    """An additive mask in the log2 domain (times log2(e)); a finite bias stays finite
+    (finfo.min would overflow to -inf and hide the key), an infinite one stays infinite."""
+    scaled = bias * 1.4426950408889634
+    overflowed = (tl.abs(scaled) == float("inf")) & (tl.abs(bias) != float("inf"))
+    return tl.where(overflowed, tl.where(bias > 0, 3.4028234663852886e38,
+                                         -3.4028234663852886e38), scaled)
 
 
 @triton.jit

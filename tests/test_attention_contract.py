@@ -39,46 +39,53 @@ def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
 # What autograd keeps
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
-def test_saves_exactly_q_k_v_o_lse(backend, layout):
-    q, k, v = qkv(2, 4, 2, 37, 45, 24, layout=layout)
-    packed = []
+def saved_by_attention(backend, *args, **kwargs):
+    """(output of ckpt_attn.attention, the tensors autograd saved, the indices unpacked)."""
+    packed, unpacked = [], []
 
     def pack(t):
         packed.append(t)
         return len(packed) - 1
-
-    unpacked = []
 
     def unpack(index):
         unpacked.append(index)
         return packed[index]
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        o, lse = ckpt_attn.attention(q, k, v, causal=True, return_lse=True, backend=backend)
+        out = ckpt_attn.attention(*args, backend=backend, **kwargs)
+    return out, packed, unpacked
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_saves_exactly_q_k_v_o_and_row_statistics(backend, layout):
+    q, k, v = qkv(2, 4, 2, 37, 45, 24, layout=layout)
+    (o, lse), packed, unpacked = saved_by_attention(backend, q, k, v, causal=True,
+                                                    return_lse=True)
     assert len(packed) == 5, [tuple(t.shape) for t in packed]
-    expected = {"q": q, "k": k, "v": v, "O": o, "lse": lse}
-    for name, tensor in expected.items():
+    for name, tensor in {"q": q, "k": k, "v": v, "O": o}.items():
         matches = [i for i, t in enumerate(packed) if same_tensor(t, tensor)]
         assert len(matches) == 1, f"{name} saved {len(matches)} times (as a copy?)"
+    # the fifth: fp32 (row max, log2 row sum) per query row, whose sum is lse / ln 2
+    (stats,) = [t for t in packed if not any(same_tensor(t, x) for x in (q, k, v, o))]
+    assert stats.shape == (*lse.shape, 2) and stats.dtype == torch.float32
+    assert torch.equal(lse, ckpt_attn.ops.lse_from_stats(stats))
     (o.sum() + lse.sum()).backward()
     assert sorted(unpacked) == [0, 1, 2, 3, 4]
     assert q.grad is not None and k.grad is not None and v.grad is not None
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_saves_lse_even_when_not_returned(backend):
+def test_saves_the_statistics_even_when_lse_is_not_returned(backend):
     q, k, v = qkv(1, 2, 1, 20, 30, 16)
-    packed = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
-        o = ckpt_attn.attention(q, k, v, backend=backend)
+    o, packed, _ = saved_by_attention(backend, q, k, v)
     assert len(packed) == 5
     for tensor in (q, k, v, o):
         assert sum(same_tensor(t, tensor) for t in packed) == 1
-    (lse,) = [t for t in packed if not any(same_tensor(t, x) for x in (q, k, v, o))]
+    (stats,) = [t for t in packed if not any(same_tensor(t, x) for x in (q, k, v, o))]
     _, expected_lse = ckpt_attn.attention(q, k, v, return_lse=True, backend=backend)
-    assert lse.dtype == torch.float32 and torch.equal(lse, expected_lse)
+    assert stats.dtype == torch.float32 and stats.shape == (1, 2, 20, 2)
+    assert torch.equal(ckpt_attn.ops.lse_from_stats(stats), expected_lse)
 
 
 # ---------------------------------------------------------------------------

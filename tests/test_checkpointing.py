@@ -270,7 +270,8 @@ def test_selective_keeps_matmul_and_attention_outputs():
                  + HIDDEN + 2 * kv + HIDDEN  # q, k, v, o_proj outputs
                  + 2 * cfg.ffn_hidden_size + HIDDEN  # gate, up, down outputs
                  + HIDDEN)  # attention output o
-    per_layer = TOKENS * per_token * FP32 + TOKENS * cfg.num_heads * FP32  # + lse
+    per_layer = (TOKENS * per_token * FP32
+                 + TOKENS * cfg.num_heads * 2 * FP32)  # + row max and log row sum
     assert measure(model, inputs()).kept_bytes == LAYERS * per_layer + final_norm_bytes()
 
 

@@ -104,20 +104,20 @@ def transposed_copy(t: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", ["lse", "do", "dlse"])
+@pytest.mark.parametrize("name", ["stats", "do", "dlse"])
 def test_backward_op_reads_any_strides(backend, name):
-    """The registered backward op (as a compiled graph calls it) gives the same bits for an
-    lse, dO or dlse that is not laid out densely."""
+    """The registered backward op (as a compiled graph calls it) gives the same bits for row
+    statistics, dO or dlse that are not laid out densely."""
     q, k, v, do = random_inputs((1, 2, 1, 37, 50, 16), torch.float32, device=DEVICE)
     q, k, v = (t.detach() for t in (q, k, v))
     scale = 0.25
-    o, lse = torch.ops.ckpt_attn.attention_forward(q, k, v, None, True, scale, -1, -1, 0.0, 0,
-                                                   None, None, 0, 0, backend)
-    inputs = {"do": do, "dlse": torch.randn_like(lse), "lse": lse}
+    o, stats = torch.ops.ckpt_attn.attention_forward(q, k, v, None, True, scale, -1, -1, 0.0,
+                                                     0, None, None, 0, 0, backend)
+    inputs = {"do": do, "dlse": torch.randn(stats.shape[:3], device=DEVICE), "stats": stats}
 
     def backward(tensors):
         return torch.ops.ckpt_attn.attention_backward(
-            tensors["do"], tensors["dlse"], q, k, v, o, tensors["lse"], None, True, scale,
+            tensors["do"], tensors["dlse"], q, k, v, o, tensors["stats"], None, True, scale,
             -1, -1, 0.0, 0, None, None, 0, 0, False, backend)[:3]
 
     expected = backward(inputs)

@@ -156,7 +156,7 @@ def test_7b_stack_on_the_meta_device_in_seconds():
     assert time.perf_counter() - start < 60
     predicted = estimate(cfg, batch=4, seq=2048, policy="none")
     assert (run.kept_bytes, run.peak_bytes) == (predicted.kept_bytes, predicted.peak_bytes)
-    assert run.kept_bytes == 40_368_111_616  # 37.60 GiB
+    assert run.kept_bytes == 40_401_666_048  # 37.63 GiB
 
 
 def test_measure_bad_input():

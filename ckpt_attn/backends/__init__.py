@@ -6,9 +6,11 @@
 - "auto": triton where it can run, torch otherwise (float64, and bfloat16 in
   the interpreter, go to torch).
 
-Both backends take validated (B, H, S, D) inputs and return (o, lse) forward
-and (dq, dk, dv) backward. Empty problems (a zero-sized dimension) never reach
-a backend: their results are filled in here.
+Both backends take validated (B, H, S, D) inputs and return (o, stats) forward,
+stats being the (B, H_q, S_q, 2) row statistics (row max, log2 of the row sum,
+in the log2 domain) the backward recomputes P from, and (dq, dk, dv) backward.
+Empty problems (a zero-sized dimension) never reach a backend: their results
+are filled in here.
 """
 
 from __future__ import annotations
@@ -68,20 +70,20 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
 def forward(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
             scale: float, mask: torch.Tensor | None, window: tuple[int, int], dropout_p: float,
             seed: int, packed: tuple | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o, lse) from the resolved backend; mask is None or broadcasts to (B, H_q, S_q, S_k);
+    """(o, stats) from the resolved backend; mask is None or broadcasts to (B, H_q, S_q, S_k);
     packed is None or (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)."""
     if q.numel() == 0 or k.shape[2] == 0:
-        # No queries, or no keys to attend to: O = 0 and lse = -inf.
-        lse = torch.full(q.shape[:3], float("-inf"), device=q.device,
-                         dtype=chunked.compute_dtype(q.dtype))
-        return torch.zeros_like(q), lse
+        # No queries, or no keys to attend to: O = 0 and row statistics -inf.
+        stats = torch.full((*q.shape[:3], 2), float("-inf"), device=q.device,
+                           dtype=chunked.compute_dtype(q.dtype))
+        return torch.zeros_like(q), stats
     impl = _kernels() if backend == "triton" else chunked
     return impl.attention_forward(q, k, v, causal, scale, _as_4d(mask, q, k), window, dropout_p,
                                   seed, packed)
 
 
 def backward(backend: str, do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor,
-             k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, causal: bool,
+             k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, stats: torch.Tensor, causal: bool,
              scale: float, mask: torch.Tensor | None, window: tuple[int, int],
              dropout_p: float, seed: int, packed: tuple | None, mask_grad: bool
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -93,7 +95,7 @@ def backward(backend: str, do: torch.Tensor, dlse: torch.Tensor | None, q: torch
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dmask
     impl = _kernels() if backend == "triton" else chunked
     dq, dk, dv, dmask = impl.attention_backward(
-        do, dlse, q, k, v, o, lse, causal, scale, _as_4d(mask, q, k), window, dropout_p, seed,
+        do, dlse, q, k, v, o, stats, causal, scale, _as_4d(mask, q, k), window, dropout_p, seed,
         packed, grad_shape)
     if dmask is not None:
         dmask = dmask.view(mask.shape).to(mask.dtype)

@@ -2,11 +2,12 @@
 
 It walks the queries in chunks of CHUNK rows, so at most a CHUNK x S_k score
 tile (per head) is alive at a time, never S_q x S_k. It computes in float32
-(float64, with a float64 logsumexp, for float64 inputs), saves nothing beyond
-what the kernels save, and recomputes P = exp(S - lse) in the backward exactly
-as they do. GQA groups are folded into the row dimension, so k and v are never
-repeated per query head. A chunk only touches the keys that causal and the
-window let it see; the caller's mask is read chunk by chunk, never copied whole.
+(float64, with float64 row statistics, for float64 inputs), saves nothing
+beyond what the kernels save, and recomputes P from the row max and log row sum
+in the backward exactly as they do. GQA groups are folded into the row
+dimension, so k and v are never repeated per query head. A chunk only touches
+the keys that causal and the window let it see; the caller's mask is read
+chunk by chunk, never copied whole.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from einops import rearrange
 from . import philox
 
 CHUNK = 128
+LOG2E = 1.4426950408889634
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -88,18 +90,37 @@ def _dropout_keep(seed: int, dropout_p: float, shape: tuple[int, ...], start: in
     return _grouped(philox.uniform(seed, offsets) >= dropout_p, group)
 
 
+def _log2_domain(x: torch.Tensor) -> torch.Tensor:
+    """x * log2(e), a finite value kept finite (as the kernels do with a mask of finfo.min,
+    which would otherwise overflow to -inf and hide the key); infinities stay infinite."""
+    scaled = x * LOG2E
+    largest = torch.finfo(x.dtype).max
+    return torch.where(torch.isfinite(x), scaled.clamp(-largest, largest), scaled)
+
+
 def _softmax(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward: (P, lse), normalised exactly; a row with no visible key gets P = 0, not NaN."""
-    lse = torch.logsumexp(scores, dim=-1)
-    empty = torch.isneginf(lse)[..., None]
-    return torch.softmax(scores, dim=-1).masked_fill(empty, 0.0), lse
+    """Forward: (P, row statistics). The statistics, (..., 2), are the row max and the log
+    of the row sum in the log2 domain, as the kernels keep them; a row with no visible key
+    gets P = 0 (not NaN) and statistics -inf."""
+    if scores.shape[-1] == 0:
+        return scores, scores.new_full((*scores.shape[:-1], 2), float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    shifted = torch.exp(scores - torch.where(torch.isneginf(row_max), 0.0, row_max))
+    total = shifted.sum(dim=-1, keepdim=True)
+    p = shifted / torch.where(total == 0, 1.0, total)
+    return p, torch.cat([_log2_domain(row_max), torch.log(total) * LOG2E], dim=-1)
 
 
-def _recomputed_probabilities(scores: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """Backward: P = exp(S - lse) as the kernels recompute it, clamped at 1 (P <= 1
-    exactly) so that rounding cannot overflow, and 0 for rows with lse = -inf."""
-    lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
-    return torch.exp((scores - lse[..., None]).clamp(max=0.0))
+def _recomputed_probabilities(scores: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+    """Backward: P = exp2((S log2(e) - max) - log2 sum) as the kernels recompute it, the
+    statistics subtracted apart (a huge bias shared by a row cancels before its log2 sum
+    is taken off), clamped at 1 (P <= 1 exactly) so that rounding cannot overflow, 0 for
+    rows with no visible key; NaN propagates."""
+    row_max, log2_sum = stats[..., :1], stats[..., 1:]
+    empty = torch.isneginf(row_max)
+    row_max = torch.where(empty, float("inf"), row_max)
+    log2_sum = torch.where(empty, 0.0, log2_sum)
+    return torch.exp2(((_log2_domain(scores) - row_max) - log2_sum).clamp(max=0.0))
 
 
 def _sequences(packed: tuple) -> list[tuple[int, slice, slice]]:
@@ -114,42 +135,43 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
                       window: tuple[int, int] = (-1, -1), dropout_p: float = 0.0,
                       seed: int = 0, packed: tuple | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward on (B, H, S, D) inputs: O shaped like q, logsumexp (B, H_q, S_q).
+    """Forward on (B, H, S, D) inputs: O shaped like q, and the row statistics
+    (B, H_q, S_q, 2), the kernels' (row max, log2 of the row sum) in the log2 domain.
 
     With `packed` = (cu_q, cu_k, max_q, max_k) the inputs are (1, H, total, D)
     views of packed sequences, run one by one (sequence s with dropout seed + s).
     """
     if packed is not None:
         o = torch.zeros_like(q)
-        lse = torch.full(q.shape[:3], float("-inf"), device=q.device,
-                         dtype=compute_dtype(q.dtype))
+        stats = torch.full((*q.shape[:3], 2), float("-inf"), device=q.device,
+                           dtype=compute_dtype(q.dtype))
         for s, rows, keys in _sequences(packed):
-            o[:, :, rows], lse[:, :, rows] = attention_forward(
+            o[:, :, rows], stats[:, :, rows] = attention_forward(
                 q[:, :, rows], k[:, :, keys], v[:, :, keys], causal, scale, None, window,
                 dropout_p, seed + s)
-        return o, lse
+        return o, stats
     group = q.shape[1] // k.shape[1]
     dtype = compute_dtype(q.dtype)
     shape = (*q.shape[:3], k.shape[2])
     k_c, v_c = k.to(dtype), v.to(dtype)
     o = torch.empty_like(q)
-    lse = torch.empty(q.shape[:3], device=q.device, dtype=dtype)
+    stats = torch.empty((*q.shape[:3], 2), device=q.device, dtype=dtype)
     for start in range(0, q.shape[2], CHUNK):
         stop = min(start + CHUNK, q.shape[2])
         keys = _visible_keys(k.shape[2], start, stop, causal, window)
         q_g = _grouped(q[:, :, start:stop].to(dtype), group)
-        p, lse_g = _softmax(_scores(q_g, k_c, start, stop, keys, group, causal, scale, mask,
+        p, stats_g = _softmax(_scores(q_g, k_c, start, stop, keys, group, causal, scale, mask,
                                     window))
         if dropout_p > 0:
             keep = _dropout_keep(seed, dropout_p, shape, start, stop, keys, group, q.device)
             p = torch.where(keep, p / (1 - dropout_p), 0.0)
         o[:, :, start:stop] = _ungrouped(torch.matmul(p, v_c[:, :, keys]), group).to(q.dtype)
-        lse[:, :, start:stop] = _ungrouped(lse_g[..., None], group)[..., 0]
-    return o, lse
+        stats[:, :, start:stop] = _ungrouped(stats_g, group)
+    return o, stats
 
 
 def attention_backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor,
-                       k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                       k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, stats: torch.Tensor,
                        causal: bool, scale: float, mask: torch.Tensor | None = None,
                        window: tuple[int, int] = (-1, -1), dropout_p: float = 0.0, seed: int = 0,
                        packed: tuple | None = None, mask_grad_shape: tuple | None = None
@@ -164,7 +186,7 @@ def attention_backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Ten
         for s, rows, keys in _sequences(packed):
             dq[:, :, rows], dk[:, :, keys], dv[:, :, keys], _ = attention_backward(
                 do[:, :, rows], None if dlse is None else dlse[:, :, rows], q[:, :, rows],
-                k[:, :, keys], v[:, :, keys], o[:, :, rows], lse[:, :, rows], causal, scale,
+                k[:, :, keys], v[:, :, keys], o[:, :, rows], stats[:, :, rows], causal, scale,
                 None, window, dropout_p, seed + s)
         return dq, dk, dv, None
     group = q.shape[1] // k.shape[1]
@@ -184,11 +206,11 @@ def attention_backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Ten
         delta = (do[:, :, start:stop].to(dtype) * o[:, :, start:stop].to(dtype)).sum(-1)
         if dlse is not None:
             delta = delta - dlse[:, :, start:stop].to(dtype)
-        lse_g = _grouped(lse[:, :, start:stop, None].to(dtype), group)[..., 0]
+        stats_g = _grouped(stats[:, :, start:stop].to(dtype), group)
         delta_g = _grouped(delta[..., None], group)  # (B, H_kv, G * rows, 1)
         keys = _visible_keys(k.shape[2], start, stop, causal, window)
         scores = _scores(q_g, k_c, start, stop, keys, group, causal, scale, mask, window)
-        p = _recomputed_probabilities(scores, lse_g)
+        p = _recomputed_probabilities(scores, stats_g)
         dp = torch.matmul(do_g, v_c[:, :, keys].transpose(-1, -2))
         z = p
         if dropout_p > 0:

@@ -88,8 +88,8 @@ def layer_terms(cfg: TransformerConfig, batch: int, seq: int, dtype: torch.dtype
                       Term("v", tokens * g * b, "attention backward"),
                       Term("attention output o", tokens * h * b,
                            "attention backward, o_proj weight gradient"),
-                      Term("logsumexp", tokens * cfg.num_heads * 4,
-                           "fp32, attention backward recomputes P from it")]
+                      Term("row max and log row sum", tokens * cfg.num_heads * 2 * 4,
+                           "fp32, attention backward recomputes P from them")]
         else:
             terms += _mlp_terms(cfg, tokens * f * b)
         if cfg.dropout > 0 and training:
@@ -113,7 +113,8 @@ def naive_attention_terms(cfg: TransformerConfig, batch: int, seq: int, dtype: t
     b, heads, tokens = dtype.itemsize, cfg.num_heads, batch * seq
     square = batch * heads * seq * seq
     terms = [Term("softmax output P", square * b, "P @ v's backward and softmax's backward"),
-             Term("logsumexp (not kept)", -tokens * heads * 4, "naive keeps P instead")]
+             Term("row statistics (not kept)", -tokens * heads * 2 * 4,
+                  "naive keeps P instead")]
     if cfg.num_kv_heads != cfg.num_heads:
         repeated = 2 * tokens * (cfg.num_heads - cfg.num_kv_heads) * cfg.head_dim * b
         terms.append(Term("k, v repeated per query head", repeated, "GQA by repeat_interleave"))
