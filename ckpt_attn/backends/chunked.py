@@ -47,16 +47,26 @@ def _visible_keys(seqlen_k: int, start: int, stop: int, causal: bool,
     return slice(lo, max(lo, hi))
 
 
+def _log2_domain(x: torch.Tensor) -> torch.Tensor:
+    """x * log2(e), a finite value kept finite (as the kernels do with a mask of finfo.min,
+    which would otherwise overflow to -inf and hide the key); infinities stay infinite."""
+    scaled = x * LOG2E
+    largest = torch.finfo(x.dtype).max
+    return torch.where(torch.isfinite(x), scaled.clamp(-largest, largest), scaled)
+
+
 def _scores(q_g: torch.Tensor, k: torch.Tensor, start: int, stop: int, keys: slice,
             group: int, causal: bool, scale: float, mask: torch.Tensor | None,
             window: tuple[int, int]) -> torch.Tensor:
-    """Masked, scaled scores of one query chunk: (B, H_kv, G * rows, len(keys)).
+    """Masked, scaled scores of one query chunk, (B, H_kv, G * rows, len(keys)), in the
+    log2 domain as the kernels compute them (scale * log2(e) folded into one multiply, the
+    mask times log2(e)), so that softmax is exp2 and the row statistics are the kernels'.
 
     q_g: (B, H_kv, G * rows, D) compute dtype; k: (B, H_kv, S_k, D); mask: the
     (B, H_q, S_q, S_k) view of a boolean (True = may attend) or additive mask.
     Invisible pairs are -inf.
     """
-    scores = torch.matmul(q_g, k[:, :, keys].transpose(-1, -2)) * scale
+    scores = torch.matmul(q_g, k[:, :, keys].transpose(-1, -2)) * (scale * LOG2E)
     if not causal and window == (-1, -1) and mask is None:
         return scores
     query = torch.arange(start, stop, device=q_g.device).repeat(group)[:, None]
@@ -74,7 +84,7 @@ def _scores(q_g: torch.Tensor, k: torch.Tensor, start: int, stop: int, keys: sli
         if mask.dtype == torch.bool:
             hidden = hidden | ~mask_g
         else:
-            scores = scores + mask_g.to(scores.dtype)
+            scores = scores + _log2_domain(mask_g.to(scores.dtype))
     return scores.masked_fill(hidden, float("-inf"))
 
 
@@ -90,29 +100,21 @@ def _dropout_keep(seed: int, dropout_p: float, shape: tuple[int, ...], start: in
     return _grouped(philox.uniform(seed, offsets) >= dropout_p, group)
 
 
-def _log2_domain(x: torch.Tensor) -> torch.Tensor:
-    """x * log2(e), a finite value kept finite (as the kernels do with a mask of finfo.min,
-    which would otherwise overflow to -inf and hide the key); infinities stay infinite."""
-    scaled = x * LOG2E
-    largest = torch.finfo(x.dtype).max
-    return torch.where(torch.isfinite(x), scaled.clamp(-largest, largest), scaled)
-
-
 def _softmax(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward: (P, row statistics). The statistics, (..., 2), are the row max and the log
-    of the row sum in the log2 domain, as the kernels keep them; a row with no visible key
-    gets P = 0 (not NaN) and statistics -inf."""
+    """Forward on log2-domain scores: (P, row statistics). The statistics, (..., 2), are
+    the row max and log2 of the row sum, as the kernels keep them; a row with no visible
+    key gets P = 0 (not NaN) and statistics -inf."""
     if scores.shape[-1] == 0:
         return scores, scores.new_full((*scores.shape[:-1], 2), float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True)
-    shifted = torch.exp(scores - torch.where(torch.isneginf(row_max), 0.0, row_max))
+    shifted = torch.exp2(scores - torch.where(torch.isneginf(row_max), 0.0, row_max))
     total = shifted.sum(dim=-1, keepdim=True)
     p = shifted / torch.where(total == 0, 1.0, total)
-    return p, torch.cat([_log2_domain(row_max), torch.log(total) * LOG2E], dim=-1)
+    return p, torch.cat([row_max, torch.log2(total)], dim=-1)
 
 
 def _recomputed_probabilities(scores: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
-    """Backward: P = exp2((S log2(e) - max) - log2 sum) as the kernels recompute it, the
+    """Backward: P = exp2((S - max) - log2 sum) as the kernels recompute it, the
     statistics subtracted apart (a huge bias shared by a row cancels before its log2 sum
     is taken off), clamped at 1 (P <= 1 exactly) so that rounding cannot overflow, 0 for
     rows with no visible key; NaN propagates."""
@@ -120,7 +122,7 @@ def _recomputed_probabilities(scores: torch.Tensor, stats: torch.Tensor) -> torc
     empty = torch.isneginf(row_max)
     row_max = torch.where(empty, float("inf"), row_max)
     log2_sum = torch.where(empty, 0.0, log2_sum)
-    return torch.exp2(((_log2_domain(scores) - row_max) - log2_sum).clamp(max=0.0))
+    return torch.exp2(((scores - row_max) - log2_sum).clamp(max=0.0))
 
 
 def _sequences(packed: tuple) -> list[tuple[int, slice, slice]]:
