@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test bench lint gpu-check codegen tune clean
+.PHONY: install test fuzz bench lint gpu-check codegen tune clean
 
 install: $(STAMP)
 
@@ -26,6 +26,14 @@ $(STAMP): pyproject.toml
 # sets TRITON_INTERPRET=1 when no GPU is present).
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The property tests of tests/test_fuzz.py with FUZZ_EXAMPLES problems each (make test
+# draws a few dozen): per backend, that many problems against the float64 reference.
+# About 20 minutes on 2 CPU cores (the Triton kernels in the interpreter).
+FUZZ_EXAMPLES ?= 1000
+fuzz: install
+	CKPT_ATTN_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q --hypothesis-show-statistics \
+		tests/test_fuzz.py $(PYTEST_ARGS)
 
 bench: install
 	$(PY) -m benchmarks.bench_attention

@@ -476,3 +476,18 @@ def test_bad_forward_arguments(change, error, name):
             "value": torch.randn(9, 2, E), **change}
     with pytest.raises(error, match=name):
         ours(**args)
+
+
+@pytest.mark.parametrize("name", ["is_causal", "need_weights", "average_attn_weights"])
+@pytest.mark.parametrize("value, type_name", [
+    (torch.tensor([True, False]), "torch.Tensor"), (torch.tensor(True), "torch.Tensor"),
+    (1, "int"), (None, "NoneType"),
+], ids=["tensor", "0-d-tensor", "int", "None"])
+def test_flags_must_be_bool(name, value, type_name):
+    """A non-bool flag is a TypeError naming it, never "Boolean value of Tensor ... is
+    ambiguous" (torch passes Python bools, nn.Transformer* layers included)."""
+    ours = MultiheadAttention(E, H)
+    x = torch.randn(7, 2, E)
+    causal_mask = torch.ones(7, 7, dtype=torch.bool).triu(1)
+    with pytest.raises(TypeError, match=rf"^{name} must be a bool, got {type_name}$"):
+        ours(x, x, x, attn_mask=causal_mask, **{name: value})

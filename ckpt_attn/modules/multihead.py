@@ -14,6 +14,7 @@ from torch import nn
 
 from ..backends import BACKENDS
 from ..ops import attention
+from ..validation import check_flag
 
 NEG_INF = float("-inf")
 
@@ -96,7 +97,8 @@ class MultiheadAttention(nn.MultiheadAttention):
             unbatched, or None when need_weights is False. With add_bias_kv / add_zero_attn,
             S counts the appended keys.
         """
-        batched = self._check_inputs(query, key, value, key_padding_mask, attn_mask, is_causal)
+        batched = self._check_inputs(query, key, value, key_padding_mask, attn_mask,
+                                     need_weights, average_attn_weights, is_causal)
         self_attention = query is key and key is value
         # torch's layout: (L, N, E) views, N = 1 for unbatched inputs
         if not batched:
@@ -154,9 +156,18 @@ class MultiheadAttention(nn.MultiheadAttention):
         return (x.unflatten(-1, (self.num_heads, self.head_dim)).permute(1, 2, 0, 3)
                 for x in (q, k, v))
 
-    def _check_inputs(self, query, key, value, key_padding_mask, attn_mask,
-                      is_causal) -> bool:
-        """Check forward()'s arguments; return whether the input is batched."""
+    def _check_inputs(self, query, key, value, key_padding_mask, attn_mask, need_weights,
+                      average_attn_weights, is_causal) -> bool:
+        """Check forward()'s arguments; return whether the input is batched.
+
+        The flags must be Python bools, as torch passes them (nn.Transformer* layers
+        included): a tensor's truth value is ambiguous (or a device sync), so it is refused
+        with a TypeError naming the argument.
+        """
+        for name, flag in (("need_weights", need_weights),
+                           ("average_attn_weights", average_attn_weights),
+                           ("is_causal", is_causal)):
+            check_flag(flag, name)
         for name, t in (("query", query), ("key", key), ("value", value)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
