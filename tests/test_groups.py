@@ -125,6 +125,13 @@ def test_groups_refuse_under_no_grad_too(wiring):
         loss_of(model(inputs()))
 
 
+def assert_same_step(got, reference):
+    """The loss and every gradient of `step` equal the reference's."""
+    torch.testing.assert_close(got[0], reference[0], atol=1e-6, rtol=0)
+    for a, b in zip(got[1], reference[1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("wiring", WIRINGS, ids=lambda w: w.__name__)
 @pytest.mark.parametrize("policy, options", PER_LAYER, ids=[p for p, _ in PER_LAYER])
 def test_per_layer_policies_run_any_wiring_exactly(wiring, policy, options):
@@ -132,10 +139,7 @@ def test_per_layer_policies_run_any_wiring_exactly(wiring, policy, options):
     x = inputs()
     reference = step(model, x)
     apply_checkpointing(model, policy, **options)
-    got = step(model, x)
-    torch.testing.assert_close(got[0], reference[0], atol=1e-6, rtol=0)
-    for a, b in zip(got[1], reference[1], strict=True):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    assert_same_step(step(model, x), reference)
 
 
 def test_skip_connection_error_names_the_layer_and_its_use():
@@ -209,10 +213,7 @@ def test_plain_chains_keep_working():
         reference = step(model, x)
         for policy, options in GROUPS:
             apply_checkpointing(model, policy, **options)
-            got = step(model, x)
-            torch.testing.assert_close(got[0], reference[0], atol=1e-6, rtol=0)
-            for a, b in zip(got[1], reference[1], strict=True):
-                torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+            assert_same_step(step(model, x), reference)
 
 
 def test_shape_queries_between_the_layers_of_a_chain_are_allowed():
