@@ -1,5 +1,5 @@
-"""Argument checks for the attention ops: every message names the argument, what was given
-and what is accepted."""
+"""Argument checks for the attention ops, and the dtypes they compute in under autocast:
+every message names the argument, what was given and what is accepted."""
 
 from __future__ import annotations
 
@@ -80,17 +80,50 @@ def resolve_scale(scale: float | None, head_dim: int) -> float:
     return float(scale)
 
 
+def autocast_inputs(q, k, v, attn_mask=None) -> tuple:
+    """q, k, v and attn_mask as the op takes them inside an autocast region, by SDPA's rule.
+
+    scaled_dot_product_attention is on autocast's lower-precision list: in a region
+    enabled for q's device type, its floating-point tensors other than float64 are cast to
+    the region's dtype (torch.get_autocast_dtype). q, k and v are cast so; a float mask is
+    cast only when the op would refuse it (float16 under bfloat16 autocast, say): a float32
+    mask is accepted with any q (see check_mask) and added to the float32 scores unrounded,
+    and the op keeps the caller's tensor for backward instead of a copy. Outside autocast,
+    or for anything that is not a tensor (left for the checks to refuse), the arguments come
+    back unchanged.
+    """
+    if not isinstance(q, torch.Tensor):
+        return q, k, v, attn_mask
+    device_type = q.device.type
+    if not torch.amp.is_autocast_available(device_type) or \
+            not torch.is_autocast_enabled(device_type):
+        return q, k, v, attn_mask
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        eligible = (isinstance(t, torch.Tensor) and t.is_floating_point()
+                    and t.device.type == device_type and t.dtype != torch.float64)
+        return t.to(dtype) if eligible else t
+
+    q, k, v = cast(q), cast(k), cast(v)
+    if isinstance(attn_mask, torch.Tensor) and attn_mask.dtype not in _mask_dtypes(q.dtype):
+        attn_mask = cast(attn_mask)
+    return q, k, v, attn_mask
+
+
 def check_mask(attn_mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> None:
-    """attn_mask must broadcast to (B, H_q, S_q, S_k) and be bool (True = may attend) or
-    q's float dtype (added to the scores)."""
+    """attn_mask must broadcast to (B, H_q, S_q, S_k) and be bool (True = may attend), or
+    float32 or q's dtype (added to the scores, computed in float32 or float64), the
+    dtypes SDPA accepts."""
     if attn_mask is None:
         return
     if not isinstance(attn_mask, torch.Tensor):
         raise TypeError(f"attn_mask must be a torch.Tensor or None, got "
                         f"{type(attn_mask).__name__}")
     _check_strided(attn_mask, "attn_mask")
-    if attn_mask.dtype not in (torch.bool, q.dtype):
-        raise TypeError(f"attn_mask must be bool or q's dtype ({q.dtype}), got {attn_mask.dtype}")
+    if attn_mask.dtype not in _mask_dtypes(q.dtype):
+        raise TypeError(f"attn_mask must be bool, float32 or q's dtype ({q.dtype}), got "
+                        f"{attn_mask.dtype}")
     if attn_mask.device != q.device:
         raise ValueError(f"attn_mask must be on q's device ({q.device}), got {attn_mask.device}")
     target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
@@ -105,6 +138,11 @@ def check_mask(attn_mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor)
             f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
             f"(batch, heads_q, seq_q, seq_k) = {target}"
         )
+
+
+def _mask_dtypes(q_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
+    """The attn_mask dtypes SDPA accepts with queries of q_dtype: bool, float32, q's own."""
+    return (torch.bool, torch.float32, q_dtype)
 
 
 def check_window(window, bound: int) -> tuple[int, int]:
@@ -179,7 +217,8 @@ def check_cu_seqlens(cu_seqlens, name: str, total: int, max_seqlen: int, max_nam
                          f"{tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != q.device:
         raise ValueError(f"{name} must be on q's device ({q.device}), got {cu_seqlens.device}")
-    if cu_seqlens.device.type == "meta" or is_fake(cu_seqlens):
+    # under torch.compile's tracing the values are fake (and is_fake cannot be traced)
+    if cu_seqlens.device.type == "meta" or torch.compiler.is_compiling() or is_fake(cu_seqlens):
         return
     bounds = cu_seqlens.tolist()
     lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]

@@ -644,9 +644,10 @@ def test_mask_with_more_than_4_dims(backend):
 @pytest.mark.parametrize("q_dtype, mask_dtype", [(torch.float32, torch.int64),
                                                  (torch.float32, torch.float64),
                                                  (torch.float32, torch.float16),
-                                                 (torch.float16, torch.float32),
+                                                 (torch.float16, torch.bfloat16),
                                                  (torch.float16, torch.uint8)])
-def test_mask_dtype_other_than_bool_or_q_dtype(backend, q_dtype, mask_dtype):
+def test_mask_dtype_other_than_bool_float32_or_q_dtype(backend, q_dtype, mask_dtype):
+    # float32 masks with float16 q are accepted, as SDPA accepts them: test_mixed_precision
     q, k, v = small_qkv(q_dtype)
     mask = torch.ones(5, 7, device=DEVICE).to(mask_dtype)
     with pytest.raises(TypeError, match="attn_mask"):

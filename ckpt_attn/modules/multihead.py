@@ -72,6 +72,20 @@ class MultiheadAttention(nn.MultiheadAttention):
                          vdim, batch_first, device, dtype)
         self.backend = backend
 
+    def reset_parameters(self) -> None:
+        """Initialize every parameter as the constructor does, in its order (so under the
+        same torch.manual_seed the values are a freshly built module's): out_proj by
+        nn.Linear's init, then nn.MultiheadAttention's own (Xavier-uniform input
+        projections, zero biases, out_proj's included, Xavier-normal bias_k and bias_v).
+
+        nn.MultiheadAttention itself has no public reset_parameters. In a loop that
+        resets parents before children (``for m in model.modules()``), out_proj's own
+        reset comes last and leaves its bias with nn.Linear's uniform init; resetting
+        children first (``model.apply``) or calling this method last keeps it zero.
+        """
+        self.out_proj.reset_parameters()
+        self._reset_parameters()
+
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
                 attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
@@ -110,8 +124,10 @@ class MultiheadAttention(nn.MultiheadAttention):
         q, k, v = self._project(query, key, value, self_attention)  # (N, H, L|S', D)
         appended = k.shape[2] - key.shape[0]
         causal = is_causal and not need_weights and (key_padding_mask is None or not appended)
+        # float masks in query's dtype, as torch converts them: under autocast q is
+        # bfloat16 or float16 and a float32 mask goes to the op as it is (SDPA accepts it)
         mask = _merged_mask(key_padding_mask, None if causal else attn_mask, batch,
-                            self.num_heads, appended, q.dtype)
+                            self.num_heads, appended, query.dtype)
         dropout_p = self.dropout if self.training else 0.0
 
         weights = None

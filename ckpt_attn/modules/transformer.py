@@ -9,6 +9,12 @@ same on every device (ckpt_attn.memory predicts it byte for byte): the norms and
 the residual dropout are small autograd.Functions that save exactly what a fused
 kernel would (the input and fp32 row statistics; a boolean mask), where torch's
 CPU versions save float copies or low-precision statistics.
+
+Every module has reset_parameters(), which initializes its whole subtree as the
+constructor does, in the constructor's order: a model built on the meta device, moved
+with to_empty() and reset under a seed equals the model built directly under that seed.
+Under autocast the rotary embeddings run in the activations' dtype (bfloat16 or float16
+q and k, like v), and the residual stream keeps the input's dtype.
 """
 
 from __future__ import annotations
@@ -69,6 +75,13 @@ class Norm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """weight = 1 and bias = 0, as built."""
+        self.weight.fill_(1.0)
+        if self.bias is not None:
+            self.bias.zero_()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _NormFunction.apply(x, self.weight, self.bias, self.eps, self.centered)
 
@@ -105,11 +118,12 @@ def make_norm(cfg: TransformerConfig) -> Norm:
 class RotaryEmbedding(nn.Module):
     """Rotary position embeddings (rotate-half form) for positions 0..max_seq_len-1.
 
-    The cos/sin tables are non-persistent buffers, computed in float32 and then kept in
-    the module's dtype (they follow .to()), shared by every layer of a Transformer.
-    After meta-device init and to_empty(), reset_parameters() recomputes them (the
-    usual `model.apply(lambda m: hasattr(m, "reset_parameters") and
-    m.reset_parameters())` does it).
+    The cos/sin tables are non-persistent buffers (not in the state_dict), computed in
+    float32 and then kept in the module's dtype (they follow .to()), shared by every layer
+    of a Transformer. forward() applies them in x's dtype: under autocast the activations
+    are bfloat16 or float16 while the tables stay float32. Every move or conversion
+    (.to(), to_empty()) recomputes them, so a model initialized on the meta device and then
+    given a checkpoint with load_state_dict() has real tables; so does reset_parameters().
     """
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float):
@@ -122,7 +136,7 @@ class RotaryEmbedding(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """(Re)compute the tables in float32, stored in the buffers' dtype and device."""
-        device = None if self.cos.is_meta else self.cos.device
+        device = self.cos.device
         dims = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
         positions = torch.arange(self.max_seq_len, dtype=torch.float32, device=device)
         angles = torch.outer(positions, self.theta ** (-dims / self.head_dim))
@@ -130,15 +144,26 @@ class RotaryEmbedding(nn.Module):
         self.cos.copy_(angles.cos())
         self.sin.copy_(angles.sin())
 
+    def _apply(self, fn, recurse=True):
+        """nn.Module._apply (behind .to(), .cuda(), to_empty() and the like), then the
+        tables recomputed in their new dtype and device. They are derived values:
+        to_empty() leaves them uninitialized, load_state_dict() does not fill
+        non-persistent buffers, and a Transformer's shared tables are reached once per
+        layer, so the recomputation follows every call."""
+        super()._apply(fn, recurse)
+        self.reset_parameters()
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Rotate x, (B, S, H, D), by its positions."""
+        """Rotate x, (B, S, H, D), by its positions, in x's dtype."""
         seq_len = x.shape[1]
         if seq_len > self.cos.shape[0]:
             raise ValueError(f"sequence length {seq_len} exceeds max_seq_len "
                              f"{self.cos.shape[0]} of the rotary tables")
+        cos, sin = self.cos[:seq_len].to(x.dtype), self.sin[:seq_len].to(x.dtype)
         first, second = x.chunk(2, dim=-1)
         rotated = torch.cat([-second, first], dim=-1)
-        return x * self.cos[:seq_len] + rotated * self.sin[:seq_len]
+        return x * cos + rotated * sin
 
 
 class Attention(nn.Module):
@@ -152,6 +177,11 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.bias)
         self.rope = rope
+
+    def reset_parameters(self) -> None:
+        """Initialize the projections as built (nn.Linear's init) and recompute the rotary
+        tables."""
+        _reset_children(self)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.cfg
@@ -177,6 +207,10 @@ class MLP(nn.Module):
             self.gate_proj = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size, bias=cfg.bias)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size, bias=cfg.bias)
         self.down_proj = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=cfg.bias)
+
+    def reset_parameters(self) -> None:
+        """Initialize the projections as built (nn.Linear's init)."""
+        _reset_children(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
@@ -208,6 +242,10 @@ class TransformerLayer(nn.Module):
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
 
+    def reset_parameters(self) -> None:
+        """Initialize every parameter and the rotary tables as built."""
+        _reset_children(self)
+
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         p = self.cfg.dropout
         x = x + dropout(self.attn(self.attn_norm(x), attn_mask), p, self.training)
@@ -232,6 +270,13 @@ class Transformer(nn.Module):
                                     for _ in range(cfg.num_layers))
         self.norm = make_norm(cfg)
 
+    def reset_parameters(self) -> None:
+        """Initialize every parameter and the rotary tables as built: after
+        ``with torch.device("meta"): model = Transformer(cfg)`` and
+        ``model.to_empty(device=...)``, and under the same torch.manual_seed, this gives
+        the very values a model built on that device has."""
+        _reset_children(self)
+
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.cfg.hidden_size:
             raise ValueError(f"x must be (batch, seq, {self.cfg.hidden_size}), got "
@@ -239,3 +284,15 @@ class Transformer(nn.Module):
         for layer in self.layers:
             x = layer(x, attn_mask=attn_mask)
         return self.norm(x)
+
+
+def _reset_children(module: nn.Module) -> None:
+    """reset_parameters() of each child, in the order the constructor built them (so the
+    random draws come in the constructor's order); a child without its own
+    reset_parameters (an nn.ModuleList) is looked into. A module shared by several
+    parents (the rotary tables) is reset by each, which recomputes the same values."""
+    for child in module.children():
+        if hasattr(child, "reset_parameters"):
+            child.reset_parameters()
+        else:
+            _reset_children(child)
