@@ -1,6 +1,7 @@
 """The ckpt-attn command line: activation-memory estimates, budget plans, benchmarks.
 
     ckpt-attn estimate --preset llama-7b --seq 4096 [--json] [--plot pareto.png]
+    ckpt-attn estimate --preset llama-3-8b --seq 131072 --context-parallel 8  (per rank)
     ckpt-attn plan --preset llama-7b --seq 4096 --budget 40GiB
     ckpt-attn bench [--quick] [--out DIR]
 
@@ -53,7 +54,8 @@ UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 FLAGS = {"num_layers": "--layers", "hidden_size": "--hidden", "num_heads": "--heads",
          "num_kv_heads": "--kv-heads", "ffn_hidden_size": "--ffn", "mlp": "--mlp",
          "norm": "--norm", "dropout": "--dropout", "batch": "--batch", "seq": "--seq",
-         "max_seq_len": "--seq", "budget_bytes": "--budget"}
+         "max_seq_len": "--seq", "budget_bytes": "--budget",
+         "context_parallel": "--context-parallel"}
 # the config fields the model flags set, by argparse destination
 MODEL_FLAGS = {"layers": "num_layers", "hidden": "hidden_size", "heads": "num_heads",
                "kv_heads": "num_kv_heads", "ffn": "ffn_hidden_size", "mlp": "mlp",
@@ -127,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     shape.add_argument("--seq", type=int,
                        help="sequence length (default: the preset's max_seq_len, else 4096)")
     shape.add_argument("--dtype", choices=DTYPES, default="bf16", help="default bf16")
+    shape.add_argument("--context-parallel", type=int, default=1, metavar="P",
+                       help="ranks the sequence is sharded over (ckpt_attn.distributed); "
+                            "figures are then per rank (default 1)")
 
     parser = _Parser(prog=PROG, description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -200,9 +205,13 @@ def model_config(args: argparse.Namespace) -> tuple[TransformerConfig, int]:
                          f"required without --preset")
     max_seq_len = kwargs.get("max_seq_len", _default("max_seq_len"))
     seq = max_seq_len if args.seq is None else args.seq
-    for flag, value in (("--batch", args.batch), ("--seq", seq)):
+    for flag, value in (("--batch", args.batch), ("--seq", seq),
+                        ("--context-parallel", args.context_parallel)):
         if value < 1:
             raise UsageError(f"{flag} must be a positive int, got {value}")
+    if seq % args.context_parallel:
+        raise UsageError(f"--seq ({seq}) must be a multiple of --context-parallel "
+                         f"({args.context_parallel})")
     try:
         cfg = TransformerConfig(**kwargs | {"max_seq_len": max(max_seq_len, seq)})
     except (TypeError, ValueError) as error:
@@ -240,7 +249,10 @@ def describe(cfg: TransformerConfig, args: argparse.Namespace, seq: int) -> str:
     return (f"config: {preset}{cfg.num_layers} layers, hidden {cfg.hidden_size}, "
             f"{cfg.num_heads} heads ({cfg.num_kv_heads} kv), ffn {cfg.ffn_hidden_size}, "
             f"{cfg.mlp}, {cfg.norm}{', bias' if cfg.bias else ''}, dropout {cfg.dropout:g}; "
-            f"batch {args.batch}, seq {seq}, {args.dtype}")
+            f"batch {args.batch}, seq {seq}, {args.dtype}"
+            + (f"; context parallel {args.context_parallel}: per rank (seq "
+               f"{seq // args.context_parallel} each), peak with the ring's buffers"
+               if args.context_parallel > 1 else ""))
 
 
 def policy_label(policy: str, options: dict) -> str:
@@ -266,7 +278,8 @@ def _estimate(args) -> int:
         figure_class = _matplotlib_figure()
         check_plot_path(args.plot, figure_class())
     dtype = DTYPES[args.dtype]
-    estimates = [estimate(cfg, batch=args.batch, seq=seq, policy=policy, dtype=dtype, **options)
+    estimates = [estimate(cfg, batch=args.batch, seq=seq, policy=policy, dtype=dtype,
+                          context_parallel=args.context_parallel, **options)
                  for policy, options in POLICIES]
     labels = [policy_label(policy, options) for policy, options in POLICIES]
     if args.json:
@@ -277,7 +290,8 @@ def _estimate(args) -> int:
         print(describe(cfg, args, seq))
         print(estimate_table(estimates, labels))
     if args.plot:
-        frontier = budget_frontier(cfg, args.batch, seq, dtype, estimates)
+        frontier = budget_frontier(cfg, args.batch, seq, dtype, estimates,
+                                   args.context_parallel)
         write_plot(figure_class(), args.plot, estimates, labels, frontier,
                    describe(cfg, args, seq))
         if not args.json:
@@ -308,10 +322,12 @@ def check_plot_path(path: Path, figure) -> None:
                          f"{', '.join(sorted(formats))}")
 
 
-def budget_frontier(cfg, batch, seq, dtype, estimates) -> list[tuple[float, float]]:
+def budget_frontier(cfg, batch, seq, dtype, estimates, context_parallel: int = 1
+                    ) -> list[tuple[float, float]]:
     """(peak GiB, recompute %) of plan() at budgets evenly spaced from the smallest to the
     largest peak of the estimates, and at each estimate's peak; sorted by peak, one point
-    per distinct plan."""
+    per distinct plan (per rank, with the ring's buffers, under context parallelism)."""
+    ring = estimates[0].ring_buffer_bytes
     peaks = [est.peak_bytes for est in estimates]
     low, high = min(peaks), max(peaks)
     budgets = {low + (high - low) * i // (PLOT_BUDGETS - 1) for i in range(PLOT_BUDGETS)}
@@ -319,10 +335,11 @@ def budget_frontier(cfg, batch, seq, dtype, estimates) -> list[tuple[float, floa
     points = set()
     for budget in sorted(budgets | set(peaks)):
         try:
-            best = plan(cfg, batch=batch, seq=seq, budget_bytes=budget, dtype=dtype)
+            best = plan(cfg, batch=batch, seq=seq, budget_bytes=budget, dtype=dtype,
+                        context_parallel=context_parallel)
         except ValueError:  # below the smallest peak any plan reaches
             continue
-        points.add((best.peak_bytes / GIB, 100 * (best.recompute_flops / step_flops)))
+        points.add(((best.peak_bytes + ring) / GIB, 100 * (best.recompute_flops / step_flops)))
     return sorted(points)
 
 
@@ -351,14 +368,18 @@ def _plan(args) -> int:
     cfg, seq = model_config(args)
     dtype = DTYPES[args.dtype]
     try:
-        best = plan(cfg, batch=args.batch, seq=seq, budget_bytes=args.budget, dtype=dtype)
+        best = plan(cfg, batch=args.batch, seq=seq, budget_bytes=args.budget, dtype=dtype,
+                    context_parallel=args.context_parallel)
     except ValueError as error:
         raise UsageError(_flags(str(error))) from None
-    step_flops = estimate(cfg, batch=args.batch, seq=seq, dtype=dtype).step_flops
+    whole = estimate(cfg, batch=args.batch, seq=seq, dtype=dtype,
+                     context_parallel=args.context_parallel)
+    step_flops, ring = whole.step_flops, whole.ring_buffer_bytes
     print(describe(cfg, args, seq))
     print(f"budget: {gib(args.budget)} ({args.budget} bytes)")
     print(best)
-    print(f"cost: kept {gib(best.kept_bytes)}, peak {gib(best.peak_bytes)}, recompute "
+    print(f"cost: kept {gib(best.kept_bytes)}, peak {gib(best.peak_bytes + ring)}"
+          + (f" (ring buffers {gib(ring)} included)" if ring else "") + ", recompute "
           f"{100 * (best.recompute_flops / step_flops):.1f}% of a training step's FLOPs")
     return 0
 

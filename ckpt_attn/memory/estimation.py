@@ -9,6 +9,12 @@ kv heads * head dim, f = ffn hidden, H = heads, b = bytes per element.
 The transient terms of the peak (what a segment's backward brings back, gradients
 in flight) come from running one layer on the meta device (ckpt_attn.memory.
 layer_costs), and the chain is combined with the same model plan_layers uses.
+
+Under context parallelism of degree P (ckpt_attn.distributed) every term is per token
+and each rank holds seq / P tokens, so a rank keeps exactly the figures of seq / P;
+its peak adds the ring's buffers, alive inside attention's backward
+(ckpt_attn.distributed.ring_buffer_bytes), and its attention FLOPs are those of its
+queries against every key (zigzag's balanced share, 1/P of the full attention).
 """
 
 from __future__ import annotations
@@ -19,8 +25,11 @@ import functools
 import torch
 
 from ..checkpointing.policies import get_policy
+from ..distributed.costs import ring_buffer_bytes
+from ..distributed.schedule import rank_pairs
 from ..modules.config import TransformerConfig
 from ..modules.transformer import TransformerLayer, make_norm
+from ..ops import visible_pairs
 from .planner import (
     LayerCost,
     Plan,
@@ -54,6 +63,9 @@ class Estimate(Report):
     recompute_overhead = recompute_flops / step_flops. naive_kept_bytes: what the same
     policy keeps with naive attention (S^2 terms). layer_terms: what one layer keeps
     under "none"; naive_terms: the attention terms naive attention changes.
+    context_parallel: the degree P; every figure is then one rank's (its seq / P
+    tokens), and peak_bytes includes ring_buffer_bytes, the ring's buffers during
+    attention's backward (0 when P is 1).
     """
 
     policy: str
@@ -67,6 +79,8 @@ class Estimate(Report):
     naive_kept_bytes: int
     layer_terms: list[Term]
     naive_terms: list[Term]
+    context_parallel: int = 1
+    ring_buffer_bytes: int = 0
 
 
 def layer_terms(cfg: TransformerConfig, batch: int, seq: int, dtype: torch.dtype,
@@ -90,6 +104,9 @@ def layer_terms(cfg: TransformerConfig, batch: int, seq: int, dtype: torch.dtype
                            "attention backward, o_proj weight gradient"),
                       Term("row max and log row sum", tokens * cfg.num_heads * 2 * 4,
                            "fp32, attention backward recomputes P from them")]
+            if cfg.dropout > 0 and training:
+                terms.append(Term("attention dropout seed", 8,
+                                  "int64, attention backward regenerates the mask from it"))
         else:
             terms += _mlp_terms(cfg, tokens * f * b)
         if cfg.dropout > 0 and training:
@@ -108,10 +125,11 @@ def _mlp_terms(cfg: TransformerConfig, size: int) -> list[Term]:
 
 
 def naive_attention_terms(cfg: TransformerConfig, batch: int, seq: int, dtype: torch.dtype,
-                          training: bool = True) -> list[Term]:
-    """The extra (or, negative, saved) bytes per layer with naive attention."""
+                          training: bool = True, keys: int | None = None) -> list[Term]:
+    """The extra (or, negative, saved) bytes per layer with naive attention of seq queries
+    over `keys` keys (default seq; a naive ring keeps every step's block: all keys)."""
     b, heads, tokens = dtype.itemsize, cfg.num_heads, batch * seq
-    square = batch * heads * seq * seq
+    square = batch * heads * seq * (seq if keys is None else keys)
     terms = [Term("softmax output P", square * b, "P @ v's backward and softmax's backward"),
              Term("row statistics (not kept)", -tokens * heads * 2 * 4,
                   "naive keeps P instead")]
@@ -119,34 +137,32 @@ def naive_attention_terms(cfg: TransformerConfig, batch: int, seq: int, dtype: t
         repeated = 2 * tokens * (cfg.num_heads - cfg.num_kv_heads) * cfg.head_dim * b
         terms.append(Term("k, v repeated per query head", repeated, "GQA by repeat_interleave"))
     if cfg.dropout > 0 and training:
-        terms += [Term("dropout mask", square, "bool keep-mask"),
+        terms += [Term("attention dropout seed (not kept)", -8, "naive keeps the mask instead"),
+                  Term("dropout mask", square, "bool keep-mask"),
                   Term("dropped P", square * b, "P @ v's backward")]
     return terms
 
 
 def estimate(cfg: TransformerConfig, *, batch: int, seq: int, policy: str = "none",
              dtype: torch.dtype = torch.bfloat16, storage: str = "device",
-             **policy_options) -> Estimate:
-    """Predict what one training step of Transformer(cfg) keeps and peaks at.
+             context_parallel: int = 1, **policy_options) -> Estimate:
+    """Predict what one training step of Transformer(cfg) keeps and peaks at (on each
+    rank, under context parallelism).
 
     Args:
         cfg: the model's TransformerConfig.
-        batch, seq: the input's batch size and sequence length.
+        batch, seq: the input's batch size and (full) sequence length.
         policy, storage, **policy_options: as in ckpt_attn.apply_checkpointing
             (every=, ratio=, budget_bytes=).
         dtype: the model's and activations' dtype.
+        context_parallel: the number of ranks the sequence is sharded over
+            (ckpt_attn.distributed); seq must be a multiple of it.
     """
-    if not isinstance(cfg, TransformerConfig):
-        raise TypeError(f"cfg must be a TransformerConfig, got {type(cfg).__name__}")
-    for name, value in (("batch", batch), ("seq", seq)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if seq > cfg.max_seq_len:
-        raise ValueError(f"seq ({seq}) exceeds cfg.max_seq_len ({cfg.max_seq_len})")
+    local = _local_seq(cfg, batch, seq, context_parallel)
     chosen = get_policy(policy, policy_options, storage)
-    terms = layer_terms(cfg, batch, seq, dtype)
-    naive = naive_attention_terms(cfg, batch, seq, dtype)
-    costs, final_norm, norm_transient = _chain(cfg, batch, seq, dtype)
+    terms = layer_terms(cfg, batch, local, dtype)
+    naive = naive_attention_terms(cfg, batch, local, dtype, keys=seq)
+    costs, final_norm, norm_transient = _chain(cfg, batch, local, dtype, context_parallel)
     if chosen.planned:
         segments = plan_layers(costs, policy_options["budget_bytes"], final_norm,
                                norm_transient).segments
@@ -154,8 +170,9 @@ def estimate(cfg: TransformerConfig, *, batch: int, seq: int, policy: str = "non
         segments = chosen.segments(cfg.num_layers, policy_options)
     plan = plan_cost(costs, segments, final_norm, norm_transient)
     # int8/fp8: a byte per element and an fp32 scale per token
-    quantized_input = batch * seq * (cfg.hidden_size + 4)
+    quantized_input = batch * local * (cfg.hidden_size + 4)
     kept, peak, offloaded = _stored(plan, costs, storage, final_norm, quantized_input)
+    ring = _ring_bytes(cfg, batch, local, dtype, context_parallel)
     step_flops = cfg.num_layers * (costs[0].forward_flops + costs[0].backward_flops)
     # naive attention under "none" keeps its S^2 terms; under "selective" the scores,
     # a matmul output (softmax and dropout are recomputed)
@@ -163,11 +180,36 @@ def estimate(cfg: TransformerConfig, *, batch: int, seq: int, policy: str = "non
     naive_extra = sum(terms_bytes(naive) if s.mode == "none" else
                       scores if s.mode == "selective" else 0 for s in plan.segments)
     return Estimate(policy=policy, storage=storage, kept_bytes=kept, offloaded_bytes=offloaded,
-                    peak_bytes=peak, recompute_flops=plan.recompute_flops,
+                    peak_bytes=peak + ring, recompute_flops=plan.recompute_flops,
                     step_flops=step_flops,
                     recompute_overhead=plan.recompute_flops / step_flops,
                     naive_kept_bytes=plan.kept_bytes + naive_extra,
-                    layer_terms=terms, naive_terms=naive)
+                    layer_terms=terms, naive_terms=naive, context_parallel=context_parallel,
+                    ring_buffer_bytes=ring)
+
+
+def _local_seq(cfg: TransformerConfig, batch: int, seq: int, context_parallel: int) -> int:
+    """Check estimate's shape arguments; the tokens per rank, seq / context_parallel."""
+    if not isinstance(cfg, TransformerConfig):
+        raise TypeError(f"cfg must be a TransformerConfig, got {type(cfg).__name__}")
+    for name, value in (("batch", batch), ("seq", seq), ("context_parallel", context_parallel)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if seq > cfg.max_seq_len:
+        raise ValueError(f"seq ({seq}) exceeds cfg.max_seq_len ({cfg.max_seq_len})")
+    if seq % context_parallel:
+        raise ValueError(f"seq ({seq}) must be a multiple of context_parallel "
+                         f"({context_parallel}): each rank holds seq / context_parallel tokens")
+    return seq // context_parallel
+
+
+def _ring_bytes(cfg: TransformerConfig, batch: int, local: int, dtype: torch.dtype,
+                context_parallel: int) -> int:
+    """The ring's buffers in attention's backward on one rank; 0 without a ring."""
+    if context_parallel == 1:
+        return 0
+    return ring_buffer_bytes(batch, cfg.num_heads, cfg.num_kv_heads, local, cfg.head_dim,
+                             dtype, context_parallel).backward
 
 
 def _stored(plan, costs: list[LayerCost], storage: str, base: int,
@@ -194,12 +236,29 @@ def terms_bytes(terms: list[Term]) -> int:
     return sum(t.bytes for t in terms)
 
 
-def _chain(cfg: TransformerConfig, batch: int, seq: int, dtype: torch.dtype):
-    """([LayerCost] * num_layers, final norm kept bytes, final norm transient bytes)."""
+def _chain(cfg: TransformerConfig, batch: int, seq: int, dtype: torch.dtype,
+           context_parallel: int = 1):
+    """([LayerCost] * num_layers, final norm kept bytes, final norm transient bytes), for
+    seq tokens per rank of context_parallel ranks."""
     cost, norm_transient = _measured(tuple(dataclasses.astuple(cfg)), batch, seq, dtype)
     terms = layer_terms(cfg, batch, seq, dtype)
-    cost = dataclasses.replace(cost, kept_none_bytes=terms_bytes(terms))
+    # a rank's attention sees every key of the full sequence, not only its own
+    extra = _ring_extra_pairs(cfg, seq, context_parallel) * 2 * 2 * batch * cfg.num_heads \
+        * cfg.head_dim
+    cost = dataclasses.replace(cost, kept_none_bytes=terms_bytes(terms),
+                               forward_flops=cost.forward_flops + extra,
+                               backward_flops=cost.backward_flops + 5 * extra // 2,
+                               recompute_full_flops=cost.recompute_full_flops + extra)
     return [cost] * cfg.num_layers, terms_bytes(terms[:2]), norm_transient
+
+
+def _ring_extra_pairs(cfg: TransformerConfig, local: int, context_parallel: int) -> int:
+    """The (query, key) pairs a rank of the ring computes (zigzag: the same on every rank)
+    beyond those of attention over its own local tokens."""
+    if context_parallel == 1:
+        return 0
+    ring = rank_pairs(0, context_parallel, local, cfg.causal, "zigzag")
+    return ring - visible_pairs(local, local, cfg.causal)
 
 
 @functools.lru_cache(maxsize=64)
@@ -215,13 +274,17 @@ def _measured(cfg_fields: tuple, batch: int, seq: int, dtype: torch.dtype):
 
 
 def plan(cfg: TransformerConfig, *, batch: int, seq: int, budget_bytes: float,
-         dtype: torch.dtype = torch.bfloat16) -> Plan:
+         dtype: torch.dtype = torch.bfloat16, context_parallel: int = 1) -> Plan:
     """The checkpoint plan for Transformer(cfg) with least recompute FLOPs whose predicted
-    peak fits budget_bytes (see plan_layers); ValueError with the minimum if none does."""
-    estimate(cfg, batch=batch, seq=seq, dtype=dtype)  # checks the arguments
+    peak fits budget_bytes (see plan_layers); ValueError with the minimum if none does.
+    Under context parallelism the plan is one rank's, the budget also holding the ring's
+    buffers (the plan's own peak_bytes leaves them out)."""
+    estimate(cfg, batch=batch, seq=seq, dtype=dtype, context_parallel=context_parallel)
     get_policy("budget", {"budget_bytes": budget_bytes})
-    costs, final_norm, norm_transient = _chain(cfg, batch, seq, dtype)
-    return plan_layers(costs, budget_bytes, final_norm, norm_transient)
+    local = seq // context_parallel
+    costs, final_norm, norm_transient = _chain(cfg, batch, local, dtype, context_parallel)
+    ring = _ring_bytes(cfg, batch, local, dtype, context_parallel)
+    return plan_layers(costs, budget_bytes - ring, final_norm, norm_transient)
 
 
 def plan_chain(layers, x: torch.Tensor, args: tuple = (), kwargs: dict | None = None, *,
