@@ -23,10 +23,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .forward import input_precision, mask_launch_args, packed_launch_args
+from .forward import dropout_launch_args, input_precision, mask_launch_args, packed_launch_args
 from .launch_config import launch, padded_head_dim
 from .masking import (
     dropout_keep,
+    dropout_origin,
+    dropout_seed,
     head_dim_mask,
     key_range,
     mask_scores,
@@ -91,7 +93,8 @@ def _probabilities(s, row_max, log2_sum, qk_scale, MASKED: tl.constexpr):
 
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
-                         stats_base, delta_base, rng_row_base, offs_m, offs_n, d_ok, lo, hi,
+                         stats_base, delta_base, rng_base, rng_row_stride, offs_m, offs_n,
+                         d_ok, lo, hi,
                          seqlen_q, seqlen_k, qk_scale, mask_base, stride_mm, stride_mn,
                          window_left, window_right, seed, dropout_p,
                          CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
@@ -104,9 +107,9 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_
     delta_tile = delta_base + lo
     q_step = tl.cast(stride_qm, tl.int64) * BLOCK_M
     do_step = tl.cast(stride_dom, tl.int64) * BLOCK_M
-    if DROPOUT:  # Philox index of pair (row, col): (rng_row_base + row) * seqlen_k + col
-        rng_tile = (rng_row_base + tl.cast(lo, tl.int64)) * seqlen_k
-        rng_rows = offs_m[None, :].to(tl.int64) * seqlen_k
+    if DROPOUT:  # Philox index of pair (row, col): rng_base + row * rng_row_stride + col
+        rng_tile = rng_base + tl.cast(lo, tl.int64) * rng_row_stride
+        rng_rows = offs_m[None, :].to(tl.int64) * rng_row_stride
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
         if MASKED:
@@ -131,7 +134,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_
             # the forward's mask, regenerated: dV = Z^T dO with Z = keep * P / (1 - p),
             # and dP = keep * (dO V^T) / (1 - p)
             keep_t = dropout_keep(seed, rng_tile, rng_rows, offs_n[:, None], dropout_p)
-            rng_tile += tl.cast(seqlen_k, tl.int64) * BLOCK_M
+            rng_tile += rng_row_stride * BLOCK_M
             z_t = tl.where(keep_t, p_t / (1.0 - dropout_p), 0.0)
             dp_t = tl.where(keep_t, dp_t / (1.0 - dropout_p), 0.0)
         else:
@@ -157,7 +160,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, STATS, DELTA, MASK, CU_Q, CU_K, DK, DV, sm_scale
                    stride_dkb, stride_dkh, stride_dkn,
                    stride_dvb, stride_dvh, stride_dvn,
                    num_heads_kv, group_size, seqlen_q, seqlen_k, row_stride, window_left,
-                   window_right, seed, dropout_p,
+                   window_right, SEED, rng_head_stride, rng_origin, rng_total_k, dropout_p,
                    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
                    HAS_WINDOW: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
                    HEAD_DIM: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -168,7 +171,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, STATS, DELTA, MASK, CU_Q, CU_K, DK, DV, sm_scale
     off_hk = (off_bhk % num_heads_kv).to(tl.int64)
     # -- packed sequences (sides swapped: this program owns keys, loops over queries) --
     k_start, q_start, seqlen_k, seqlen_q, seqlen_q_loop, seed = sequence_bounds(
-        CU_K, CU_Q, start_n, seqlen_k, seqlen_q, seed, VARLEN)
+        CU_K, CU_Q, start_n, seqlen_k, seqlen_q, dropout_seed(SEED, DROPOUT), VARLEN)
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -211,33 +214,34 @@ def _attn_bwd_dkdv(Q, K, V, DO, STATS, DELTA, MASK, CU_Q, CU_K, DK, DV, sm_scale
         off_bh = off_b * num_heads_kv * group_size + off_h
         stats_base = STATS + 2 * (off_bh * row_stride + q_start)
         delta_base = DELTA + off_bh * row_stride + q_start
-        rng_row_base = off_bh * seqlen_q
+        rng_base, rng_row_stride = dropout_origin(off_bh, seqlen_q, seqlen_k, rng_head_stride,
+                                                  rng_origin, rng_total_k, VARLEN)
         if MASK_KIND != 0 or HAS_WINDOW:
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
-                stats_base, delta_base, rng_row_base, offs_m, offs_n, d_ok, lo, hi, seqlen_q,
-                seqlen_k, qk_scale, mask_base, stride_mm, stride_mn, window_left, window_right,
-                seed, dropout_p, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, True,
-                BLOCK_M, INPUT_PRECISION)
-        else:
-            dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
-                stats_base, delta_base, rng_row_base, offs_m, offs_n, d_ok, lo, mid, seqlen_q,
-                seqlen_k, qk_scale, mask_base, stride_mm, stride_mn, window_left, window_right,
-                seed, dropout_p, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, True,
-                BLOCK_M, INPUT_PRECISION)
-            dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
-                stats_base, delta_base, rng_row_base, offs_m, offs_n, d_ok, mid, full, seqlen_q,
-                seqlen_k, qk_scale, mask_base, stride_mm, stride_mn, window_left, window_right,
-                seed, dropout_p, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, False,
-                BLOCK_M, INPUT_PRECISION)
-            dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
-                stats_base, delta_base, rng_row_base, offs_m, offs_n, d_ok, full, seqlen_q_loop,
+                stats_base, delta_base, rng_base, rng_row_stride, offs_m, offs_n, d_ok, lo, hi,
                 seqlen_q, seqlen_k, qk_scale, mask_base, stride_mm, stride_mn, window_left,
                 window_right, seed, dropout_p, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT,
                 True, BLOCK_M, INPUT_PRECISION)
+        else:
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
+                stats_base, delta_base, rng_base, rng_row_stride, offs_m, offs_n, d_ok, lo, mid,
+                seqlen_q, seqlen_k, qk_scale, mask_base, stride_mm, stride_mn, window_left,
+                window_right, seed, dropout_p, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT,
+                True, BLOCK_M, INPUT_PRECISION)
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
+                stats_base, delta_base, rng_base, rng_row_stride, offs_m, offs_n, d_ok, mid, full,
+                seqlen_q, seqlen_k, qk_scale, mask_base, stride_mm, stride_mn, window_left,
+                window_right, seed, dropout_p, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT,
+                False, BLOCK_M, INPUT_PRECISION)
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
+                stats_base, delta_base, rng_base, rng_row_stride, offs_m, offs_n, d_ok, full,
+                seqlen_q_loop, seqlen_q, seqlen_k, qk_scale, mask_base, stride_mm, stride_mn,
+                window_left, window_right, seed, dropout_p, CAUSAL, MASK_KIND, MASK_ROW,
+                HAS_WINDOW, DROPOUT, True, BLOCK_M, INPUT_PRECISION)
 
     dk *= sm_scale
     tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + key0 * stride_dkn
@@ -250,7 +254,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, STATS, DELTA, MASK, CU_Q, CU_K, DK, DV, sm_scale
 def _attn_bwd_dq_inner(dq, q, do, row_max, log2_sum, delta, k_base, v_base, k_offs, v_offs,
                        stride_kn, stride_vn, offs_m, offs_n, d_ok, lo, hi, seqlen_q, seqlen_k,
                        qk_scale, mask_base, stride_mm, stride_mn, window_left, window_right,
-                       seed, rng_row_base, dropout_p, dbias_base, stride_dbm,
+                       seed, rng_base, rng_row_stride, dropout_p, dbias_base, stride_dbm,
                        CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
                        HAS_WINDOW: tl.constexpr, DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr,
                        MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -261,9 +265,9 @@ def _attn_bwd_dq_inner(dq, q, do, row_max, log2_sum, delta, k_base, v_base, k_of
     k_step = tl.cast(stride_kn, tl.int64) * BLOCK_N
     v_step = tl.cast(stride_vn, tl.int64) * BLOCK_N
     dbias_tile = dbias_base + lo
-    if DROPOUT:  # Philox index of pair (row, col): (rng_row_base + row) * seqlen_k + col
-        rng_tile = rng_row_base * seqlen_k + tl.cast(lo, tl.int64)
-        rng_rows = offs_m[:, None].to(tl.int64) * seqlen_k
+    if DROPOUT:  # Philox index of pair (row, col): rng_base + row * rng_row_stride + col
+        rng_tile = rng_base + tl.cast(lo, tl.int64)
+        rng_rows = offs_m[:, None].to(tl.int64) * rng_row_stride
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         if MASKED:
@@ -309,7 +313,7 @@ def _attn_bwd_dq(Q, K, V, DO, STATS, DELTA, MASK, CU_Q, CU_K, DQ, DBIAS, sm_scal
                  stride_dqb, stride_dqh, stride_dqm,
                  stride_dbb, stride_dbh, stride_dbm,
                  num_heads, group_size, seqlen_q, seqlen_k, row_stride, window_left,
-                 window_right, seed, dropout_p,
+                 window_right, SEED, rng_head_stride, rng_origin, rng_total_k, dropout_p,
                  CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
                  HAS_WINDOW: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
                  BIAS_GRAD: tl.constexpr,
@@ -321,7 +325,7 @@ def _attn_bwd_dq(Q, K, V, DO, STATS, DELTA, MASK, CU_Q, CU_K, DQ, DBIAS, sm_scal
     off_h = (off_bh % num_heads).to(tl.int64)
     off_hk = off_h // group_size
     q_start, k_start, seqlen_q, seqlen_k, seqlen_k_loop, seed = sequence_bounds(
-        CU_Q, CU_K, start_m, seqlen_q, seqlen_k, seed, VARLEN)
+        CU_Q, CU_K, start_m, seqlen_q, seqlen_k, dropout_seed(SEED, DROPOUT), VARLEN)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -345,7 +349,8 @@ def _attn_bwd_dq(Q, K, V, DO, STATS, DELTA, MASK, CU_Q, CU_K, DQ, DBIAS, sm_scal
     qk_scale = sm_scale * 1.4426950408889634  # log2(e)
 
     mask_base = MASK + off_b * stride_mb + off_h * stride_mh
-    rng_row_base = off_bh.to(tl.int64) * seqlen_q
+    rng_base, rng_row_stride = dropout_origin(off_bh, seqlen_q, seqlen_k, rng_head_stride,
+                                              rng_origin, rng_total_k, VARLEN)
     # BIAS_GRAD 1: dS tiles into a (B, H_q, S_q, S_k) buffer; 2: one row per query block
     dbias_base = DBIAS + off_b * stride_dbb + off_h * stride_dbh
     if BIAS_GRAD == 2:
@@ -357,24 +362,24 @@ def _attn_bwd_dq(Q, K, V, DO, STATS, DELTA, MASK, CU_Q, CU_K, DQ, DBIAS, sm_scal
         dq = _attn_bwd_dq_inner(
             dq, q, do, row_max, log2_sum, delta, k_base, v_base, k_offs, v_offs, stride_kn,
             stride_vn, offs_m, offs_n, d_ok, lo, hi, seqlen_q, seqlen_k, qk_scale, mask_base,
-            stride_mm, stride_mn, window_left, window_right, seed, rng_row_base, dropout_p,
-            dbias_base, stride_dbm, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, BIAS_GRAD,
-            True, BLOCK_N, INPUT_PRECISION)
+            stride_mm, stride_mn, window_left, window_right, seed, rng_base, rng_row_stride,
+            dropout_p, dbias_base, stride_dbm, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT,
+            BIAS_GRAD, True, BLOCK_N, INPUT_PRECISION)
     else:
         # -- key range, as in the forward: [0, full) unmasked, [full, hi) masked --
         full, hi = unmasked_key_split(start_m, seqlen_k_loop, CAUSAL, BLOCK_M, BLOCK_N)
         dq = _attn_bwd_dq_inner(
             dq, q, do, row_max, log2_sum, delta, k_base, v_base, k_offs, v_offs, stride_kn,
             stride_vn, offs_m, offs_n, d_ok, 0, full, seqlen_q, seqlen_k, qk_scale, mask_base,
-            stride_mm, stride_mn, window_left, window_right, seed, rng_row_base, dropout_p,
-            dbias_base, stride_dbm, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, BIAS_GRAD,
-            False, BLOCK_N, INPUT_PRECISION)
+            stride_mm, stride_mn, window_left, window_right, seed, rng_base, rng_row_stride,
+            dropout_p, dbias_base, stride_dbm, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT,
+            BIAS_GRAD, False, BLOCK_N, INPUT_PRECISION)
         dq = _attn_bwd_dq_inner(
             dq, q, do, row_max, log2_sum, delta, k_base, v_base, k_offs, v_offs, stride_kn,
             stride_vn, offs_m, offs_n, d_ok, full, hi, seqlen_q, seqlen_k, qk_scale, mask_base,
-            stride_mm, stride_mn, window_left, window_right, seed, rng_row_base, dropout_p,
-            dbias_base, stride_dbm, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, BIAS_GRAD,
-            True, BLOCK_N, INPUT_PRECISION)
+            stride_mm, stride_mn, window_left, window_right, seed, rng_base, rng_row_stride,
+            dropout_p, dbias_base, stride_dbm, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT,
+            BIAS_GRAD, True, BLOCK_N, INPUT_PRECISION)
 
     dq *= sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + row0 * stride_dqm
@@ -384,15 +389,17 @@ def _attn_bwd_dq(Q, K, V, DO, STATS, DELTA, MASK, CU_Q, CU_K, DQ, DBIAS, sm_scal
 def attention_backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor,
                        k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, stats: torch.Tensor,
                        causal: bool, scale: float, mask: torch.Tensor | None = None,
-                       window: tuple[int, int] = (-1, -1), dropout_p: float = 0.0, seed: int = 0,
-                       packed: tuple | None = None, mask_grad_shape: tuple | None = None
+                       window: tuple[int, int] = (-1, -1), dropout_p: float = 0.0,
+                       seed: torch.Tensor | None = None, packed: tuple | None = None,
+                       mask_grad_shape: tuple | None = None, dropout_origin: tuple | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients (dq, dk, dv) of the attention forward, recomputing P from the forward's
     row statistics `stats` (dense, (B, H_q, S_q, 2)).
 
     `do` must have stride(-1) == 1; `dlse`, if given, is the gradient of the
     returned logsumexp, shape (B, H_q, S_q); `mask`, `window`, `dropout_p` and
-    `seed` as in the forward, whose dropout mask is regenerated, not stored;
+    `seed` and `dropout_origin` as in the forward, whose dropout mask is regenerated,
+    not stored;
     `packed` as in the forward. With `mask_grad_shape` (a float mask's shape, left
     padded to 4-D), also returns the mask's gradient: dS summed down to that
     shape; otherwise None.
@@ -424,6 +431,7 @@ def attention_backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Ten
                       HAS_WINDOW=tuple(window) != (-1, -1), DROPOUT=dropout_p > 0,
                       HEAD_DIM=head_dim, INPUT_PRECISION=precision)
     cu_q, cu_k, programs_q, programs_k, sequences = packed_launch_args(packed, q, k)
+    dropout_args = dropout_launch_args(dropout_p, seed, dropout_origin, q, k)
     constexprs["VARLEN"] = packed is not None
     launch(
         _attn_bwd_dkdv,
@@ -431,7 +439,8 @@ def attention_backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Ten
         (q, k, v, do, stats, delta, mask_ptr, cu_q, cu_k, dk, dv, scale, *strides_in,
          dk.stride(0), dk.stride(1), dk.stride(2),
          dv.stride(0), dv.stride(1), dv.stride(2),
-         heads_kv, group, seqlen_q, seqlen_k, seqlen_q, *window, seed, dropout_p),
+         heads_kv, group, seqlen_q, seqlen_k, seqlen_q, *window, *dropout_args,
+         dropout_p),
         constexprs, kernel="dkdv", block_d=block_d, element_size=q.element_size(),
     )
     dbias, bias_grad = _mask_grad_buffer(mask_grad_shape, q, k)
@@ -442,7 +451,8 @@ def attention_backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Ten
          *strides_in,
          dq.stride(0), dq.stride(1), dq.stride(2),
          dbias.stride(0), dbias.stride(1), dbias.stride(2),
-         heads_q, group, seqlen_q, seqlen_k, seqlen_q, *window, seed, dropout_p),
+         heads_q, group, seqlen_q, seqlen_k, seqlen_q, *window, *dropout_args,
+         dropout_p),
         {**constexprs, "BIAS_GRAD": bias_grad}, kernel="dq", block_d=block_d,
         element_size=q.element_size(),
     )

@@ -23,6 +23,8 @@ import triton.language as tl
 from .launch_config import launch, padded_head_dim
 from .masking import (
     dropout_keep,
+    dropout_origin,
+    dropout_seed,
     head_dim_mask,
     key_range,
     mask_scores,
@@ -35,7 +37,7 @@ from .masking import (
 def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn,
                     offs_m, offs_n, d_ok, lo, hi, seqlen_q, seqlen_k, qk_scale,
                     mask_base, stride_mm, stride_mn, window_left, window_right,
-                    seed, rng_row_base, dropout_p,
+                    seed, rng_base, rng_row_stride, dropout_p,
                     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
                     HAS_WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr,
                     BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr):
@@ -45,9 +47,9 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn,
     v_tile = v_base + tl.cast(lo, tl.int64) * stride_vn
     k_step = tl.cast(stride_kn, tl.int64) * BLOCK_N
     v_step = tl.cast(stride_vn, tl.int64) * BLOCK_N
-    if DROPOUT:  # Philox index of pair (row, col): (rng_row_base + row) * seqlen_k + col
-        rng_tile = rng_row_base * seqlen_k + tl.cast(lo, tl.int64)
-        rng_rows = offs_m[:, None].to(tl.int64) * seqlen_k
+    if DROPOUT:  # Philox index of pair (row, col): rng_base + row * rng_row_stride + col
+        rng_tile = rng_base + tl.cast(lo, tl.int64)
+        rng_rows = offs_m[:, None].to(tl.int64) * rng_row_stride
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         # -- scores of this tile (log2 domain) --
@@ -95,7 +97,7 @@ def _attn_fwd(Q, K, V, O, STATS, MASK, CU_Q, CU_K, sm_scale,
               stride_ob, stride_oh, stride_om,
               stride_mb, stride_mh, stride_mm, stride_mn,
               num_heads, group_size, seqlen_q, seqlen_k, row_stride, window_left,
-              window_right, seed, dropout_p,
+              window_right, SEED, rng_head_stride, rng_origin, rng_total_k, dropout_p,
               CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
               HAS_WINDOW: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
               HEAD_DIM: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -107,7 +109,7 @@ def _attn_fwd(Q, K, V, O, STATS, MASK, CU_Q, CU_K, sm_scale,
     off_hk = off_h // group_size  # GQA: the kv head this query head reads
     # -- packed sequences: this program's sequence, its offsets and lengths --
     q_start, k_start, seqlen_q, seqlen_k, seqlen_k_loop, seed = sequence_bounds(
-        CU_Q, CU_K, start_m, seqlen_q, seqlen_k, seed, VARLEN)
+        CU_Q, CU_K, start_m, seqlen_q, seqlen_k, dropout_seed(SEED, DROPOUT), VARLEN)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -133,7 +135,8 @@ def _attn_fwd(Q, K, V, O, STATS, MASK, CU_Q, CU_K, sm_scale,
     qk_scale = sm_scale * 1.4426950408889634  # log2(e)
 
     mask_base = MASK + off_b * stride_mb + off_h * stride_mh
-    rng_row_base = off_bh.to(tl.int64) * seqlen_q
+    rng_base, rng_row_stride = dropout_origin(off_bh, seqlen_q, seqlen_k, rng_head_stride,
+                                              rng_origin, rng_total_k, VARLEN)
     if MASK_KIND != 0 or HAS_WINDOW:
         # -- masks or a window: every tile of the key range [lo, hi) is masked --
         lo, hi = key_range(start_m, seqlen_k_loop, window_left, window_right,
@@ -142,7 +145,7 @@ def _attn_fwd(Q, K, V, O, STATS, MASK, CU_Q, CU_K, sm_scale,
             acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn,
             offs_m, offs_n, d_ok, lo, hi, seqlen_q, seqlen_k, qk_scale,
             mask_base, stride_mm, stride_mn, window_left, window_right,
-            seed, rng_row_base, dropout_p,
+            seed, rng_base, rng_row_stride, dropout_p,
             CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, True, BLOCK_N, INPUT_PRECISION)
     else:
         # -- [0, full) is visible to every row of the block; [full, hi) needs masks --
@@ -151,13 +154,13 @@ def _attn_fwd(Q, K, V, O, STATS, MASK, CU_Q, CU_K, sm_scale,
             acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn,
             offs_m, offs_n, d_ok, 0, full, seqlen_q, seqlen_k, qk_scale,
             mask_base, stride_mm, stride_mn, window_left, window_right,
-            seed, rng_row_base, dropout_p,
+            seed, rng_base, rng_row_stride, dropout_p,
             CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, False, BLOCK_N, INPUT_PRECISION)
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn,
             offs_m, offs_n, d_ok, full, hi, seqlen_q, seqlen_k, qk_scale,
             mask_base, stride_mm, stride_mn, window_left, window_right,
-            seed, rng_row_base, dropout_p,
+            seed, rng_base, rng_row_stride, dropout_p,
             CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT, True, BLOCK_N, INPUT_PRECISION)
 
     # -- epilogue: O, and the row statistics (max, log2 of the sum) that the backward
@@ -202,17 +205,37 @@ def mask_launch_args(mask: torch.Tensor | None, like: torch.Tensor):
     return pointer, mask.stride(), kind, mask.stride(2) == 0 or mask.shape[2] == 1
 
 
+def dropout_launch_args(dropout_p: float, seed: torch.Tensor | None,
+                        dropout_origin: tuple | None, q: torch.Tensor, k: torch.Tensor):
+    """(SEED pointer, rng_head_stride, rng_origin, rng_total_k) for a launch: the Philox
+    index of pair (i, j) of head bh is bh * rng_head_stride + rng_origin + i * rng_total_k
+    + j (see masking.dropout_origin).
+
+    `seed` is a one-element int64 tensor on q's device (required when dropout_p > 0);
+    `dropout_origin` is None (this call is the whole problem) or (row_offset, col_offset,
+    total_q, total_k), placing the call's block in a larger problem.
+    """
+    if dropout_p > 0 and seed is None:
+        raise ValueError("seed must be a one-element int64 tensor when dropout_p > 0, got None")
+    row_offset, col_offset, total_q, total_k = dropout_origin or (0, 0, q.shape[2], k.shape[2])
+    pointer = seed if dropout_p > 0 else q
+    return pointer, total_q * total_k, row_offset * total_k + col_offset, total_k
+
+
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                       scale: float, mask: torch.Tensor | None = None,
                       window: tuple[int, int] = (-1, -1), dropout_p: float = 0.0,
-                      seed: int = 0, packed: tuple | None = None
+                      seed: torch.Tensor | None = None, packed: tuple | None = None,
+                      dropout_origin: tuple | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernel on validated (B, H, S, D) inputs with stride(-1) == 1.
 
     `mask` is None or a (B, H_q, S_q, S_k) view (stride 0 on broadcast dims) of a
     boolean (True = may attend) or additive float mask; `window` is (left, right)
     with -1 for unbounded; dropout_p > 0 drops pairs by Philox(seed) on their
-    index (b * H_q + h, i, j); `packed` (see packed_launch_args) runs packed
+    index (b * H_q + h, i, j), placed by `dropout_origin` (see dropout_launch_args)
+    in a larger problem; `seed` is a one-element int64 tensor on the device, read
+    by the kernel (no host sync); `packed` (see packed_launch_args) runs packed
     sequences, each with its own dropout stream seed + s. Returns O (same shape
     and, where dense, same strides as q) and the fp32 row statistics, shape
     (B, H_q, S_q, 2): the row max of the scores and log2 of the row sum, in the
@@ -226,6 +249,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
     stats = torch.empty((batch, heads_q, seqlen_q, 2), device=q.device, dtype=torch.float32)
     mask_ptr, mask_strides, mask_kind, mask_row = mask_launch_args(mask, q)
     cu_q, cu_k, programs_q, _, sequences = packed_launch_args(packed, q, k)
+    dropout_args = dropout_launch_args(dropout_p, seed, dropout_origin, q, k)
     launch(
         _attn_fwd,
         lambda cfg: (triton.cdiv(programs_q, cfg.block_m), batch * heads_q, sequences),
@@ -235,7 +259,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
          v.stride(0), v.stride(1), v.stride(2),
          o.stride(0), o.stride(1), o.stride(2),
          *mask_strides,
-         heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, seqlen_q, *window, seed,
+         heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, seqlen_q, *window, *dropout_args,
          dropout_p),
         dict(CAUSAL=causal, MASK_KIND=mask_kind, MASK_ROW=mask_row,
              HAS_WINDOW=tuple(window) != (-1, -1), DROPOUT=dropout_p > 0,

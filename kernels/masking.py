@@ -10,6 +10,13 @@ transposed (BLOCK_N, BLOCK_M) tile of the dK/dV kernel.
 MASK_KIND: 0 no attn_mask, 1 boolean (nonzero = may attend), 2 additive
 float. MASK_ROW: the mask is broadcast over queries (a key-padding mask), so
 one row of keys is read instead of a tile.
+
+Dropout: the seed is read from a one-element int64 tensor on the device (no host
+sync, so it can be drawn inside a captured or compiled graph), and pair (i, j)
+of head bh draws Philox at index (bh * total_q + row_offset + i) * total_k +
+col_offset + j: the pair's index in a problem of total_q x total_k of which
+this call computes the block at (row_offset, col_offset); by default the block
+is the whole problem (offsets 0, totals the call's own lengths).
 """
 
 import triton
@@ -111,9 +118,35 @@ def query_range(start_n, seqlen_q, window_left, window_right,
 
 
 @triton.jit
+def dropout_seed(SEED, DROPOUT: tl.constexpr):
+    """The dropout seed, loaded from its device tensor (0, unused, without dropout)."""
+    if DROPOUT:
+        return tl.load(SEED)
+    else:
+        return 0
+
+
+@triton.jit
+def dropout_origin(off_bh, seqlen_q, seqlen_k, rng_head_stride, rng_origin, rng_row_stride,
+                   VARLEN: tl.constexpr):
+    """(Philox index of pair (0, 0) of head off_bh, index step of one query row), int64.
+
+    Batched: off_bh * total_q * total_k + row_offset * total_k + col_offset and total_k,
+    the launcher passing rng_head_stride = total_q * total_k, rng_origin = row_offset *
+    total_k + col_offset and rng_row_stride = total_k. Packed (VARLEN): each sequence
+    is a whole problem of its own lengths.
+    """
+    if VARLEN:
+        return off_bh.to(tl.int64) * seqlen_q * seqlen_k, tl.cast(seqlen_k, tl.int64)
+    else:
+        return (off_bh.to(tl.int64) * rng_head_stride + rng_origin,
+                tl.cast(rng_row_stride, tl.int64))
+
+
+@triton.jit
 def dropout_keep(seed, tile_base, row_offs, col_offs, dropout_p):
     """True where dropout keeps the pair: Philox via tl.rand on the pair's global index
-    (rng_row_base + row) * seqlen_k + col in int64, the same in forward and backward.
+    (see dropout_origin) in int64, the same in forward and backward.
 
     Callers split that index into a scalar int64 tile_base, advanced by a constant
     step as their loop moves on (a loop index in int64 arithmetic serializes wgmma,

@@ -116,12 +116,14 @@ def test_gradients_equal_reference_with_the_same_mask(backend, causal):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_saves_no_mask(backend):
-    """With dropout, autograd still keeps only q, k, v, O and lse."""
+    """With dropout, autograd keeps only q, k, v, O, the row statistics and the seed (one
+    int64), nothing of size S_q x S_k."""
     q, k, v = qkv(1, 2, 2, 33, 40, 16)
     packed = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
-        ckpt_attn.attention(q, k, v, dropout_p=0.5, backend=backend)
-    assert len(packed) == 5
+        o = ckpt_attn.attention(q, k, v, dropout_p=0.5, backend=backend)
+    assert [t.shape for t in packed] == [q.shape, k.shape, v.shape, o.shape, (1, 2, 33, 2), ()]
+    assert packed[-1].dtype == torch.int64
 
 
 @pytest.mark.parametrize("value, error", [(-0.1, ValueError), (1.0, ValueError),
@@ -131,3 +133,31 @@ def test_bad_dropout_p(value, error):
     q, k, v = qkv(1, 1, 1, 4, 4, 8)
     with pytest.raises(error, match="dropout_p"):
         ckpt_attn.attention(q, k, v, dropout_p=value)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_block_with_its_origin_drops_the_pairs_of_the_whole_problem(backend):
+    """_dropout_origin=(row_offset, col_offset, total_q, total_k) (context parallelism): the
+    block of a larger problem drops exactly the pairs the whole problem drops there under
+    the same seed, and its backward regenerates that mask (dV = dropout(P)^T dO)."""
+    batch, heads_q, heads_kv, total_q, total_k = 1, 4, 2, 40, 70
+    rows, cols = slice(29, 40), slice(20, 57)  # across the interpreter's 32-row tiles
+
+    def dropped_identity(seqlen_q, seqlen_k, origin):
+        """(dropout(P), v): attention of q = k = 0 (P uniform) over v = identity."""
+        q = torch.zeros(batch, heads_q, seqlen_q, seqlen_k, device=DEVICE)
+        k = torch.zeros(batch, heads_kv, seqlen_k, seqlen_k, device=DEVICE)
+        v = torch.eye(seqlen_k, device=DEVICE).expand(k.shape).contiguous().requires_grad_()
+        torch.manual_seed(7)
+        return ckpt_attn.attention(q, k, v, dropout_p=0.4, backend=backend,
+                                   _dropout_origin=origin), v
+
+    whole, _ = dropped_identity(total_q, total_k, None)
+    block, v = dropped_identity(rows.stop - rows.start, cols.stop - cols.start,
+                                (rows.start, cols.start, total_q, total_k))
+    assert torch.equal(block > 0, whole[:, :, rows, cols] > 0)
+    assert 0.3 < (block == 0).float().mean().item() < 0.5
+    do = torch.randn_like(block)
+    (dv,) = torch.autograd.grad(block, v, do)
+    expected = (block.detach().transpose(-1, -2) @ do).unflatten(1, (heads_kv, -1)).sum(2)
+    torch.testing.assert_close(dv, expected)

@@ -112,13 +112,13 @@ def test_backward_op_reads_any_strides(backend, name):
     q, k, v = (t.detach() for t in (q, k, v))
     scale = 0.25
     o, stats = torch.ops.ckpt_attn.attention_forward(q, k, v, None, True, scale, -1, -1, 0.0,
-                                                     0, None, None, 0, 0, backend)
+                                                     None, None, None, None, 0, 0, backend)
     inputs = {"do": do, "dlse": torch.randn(stats.shape[:3], device=DEVICE), "stats": stats}
 
     def backward(tensors):
         return torch.ops.ckpt_attn.attention_backward(
             tensors["do"], tensors["dlse"], q, k, v, o, tensors["stats"], None, True, scale,
-            -1, -1, 0.0, 0, None, None, 0, 0, False, backend)[:3]
+            -1, -1, 0.0, None, None, None, None, 0, 0, False, backend)[:3]
 
     expected = backward(inputs)
     strided = transposed_copy(inputs[name])
