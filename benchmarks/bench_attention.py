@@ -402,9 +402,18 @@ def cpu_report(sizes: CpuSizes, timings: list[CpuTiming], saved: list[SavedBytes
         "",
         f"## Wall-clock, ckpt_attn (backend=\"torch\") vs SDPA on the CPU ({shape})",
         "",
-        "Median ms over interleaved rounds in one run; fwd runs under no_grad, fwd_bwd "
-        "is forward + torch.autograd.grad. ratio = ckpt_attn / SDPA (above 1: slower). "
-        "The torch backend is the portable reference path, not a CPU kernel.",
+        "Median ms over interleaved rounds in one run (each round calls both, in "
+        "alternating order, so a machine busy with other work slows both alike; on such a "
+        "machine run it with `--threads 1`: with several threads every op waits for its "
+        "slowest thread, and ckpt_attn's backward, many ops where SDPA's is one, then "
+        "swings by up to 10x); fwd runs "
+        "under no_grad, fwd_bwd is forward + torch.autograd.grad. ratio = ckpt_attn / SDPA "
+        "(above 1: slower). The forward of these calls runs torch's own CPU "
+        "flash-attention kernel (what SDPA runs here) with ckpt_attn's checks and row "
+        "statistics around it; the backward is ckpt_attn's chunked PyTorch one, since the "
+        "kernel's backward misses the accuracy rule (see ckpt_attn/backends/fused_cpu.py). "
+        "Forwards the kernel does not cover (dropout, windows, rows with one huge bias on "
+        "every key) are chunked too.",
         "",
         markdown_table(("S", "causal", "pass", "ckpt_attn ms", "SDPA ms", "ratio", "rounds"),
                        timing_rows),
@@ -738,7 +747,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "and window at S 4096/16384)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help=f"results directory (default {DEFAULT_OUT})")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice); 1 gives "
+                             "stable CPU ratios on a machine busy with other work")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     start = time.perf_counter()
     if torch.cuda.is_available():
