@@ -13,6 +13,7 @@ import pytest
 import torch
 from saved_bytes import saved_bytes
 from torch import nn
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 import ckpt_attn
@@ -375,3 +376,91 @@ def test_budget_below_every_plan_names_the_minimum():
 def test_model_without_layers():
     with pytest.raises(ValueError, match="no.*layers|neither"):
         apply_checkpointing(nn.Linear(4, 4), "full")
+
+
+# --- Hugging Face decoder layers -------------------------------------------------------
+
+HF_POLICIES = [("full", {}), ("uniform", {"every": 2}), ("sqrt", {}), ("ratio", {"ratio": 0.5}),
+               ("selective", {}), ("budget", {"budget_bytes": None})]
+
+
+@pytest.fixture(scope="module")
+def llama():
+    """A tiny Llama (4 decoder layers, GQA, sdpa), a padded batch, the step's keyword
+    arguments and the step's logits and gradients without checkpointing."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=4, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=32,
+                                   attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    ids = torch.randint(0, 64, (2, 7))
+    padding = torch.ones(2, 7, dtype=torch.long)
+    padding[1, :2] = 0  # left padding: the layers get a 4-D mask, not None
+    kwargs = dict(input_ids=ids, attention_mask=padding, use_cache=False)
+    return model, kwargs, hf_step(model, kwargs)
+
+
+def hf_step(model, kwargs):
+    """Logits and every parameter's gradient of one language-modelling step."""
+    model.zero_grad()
+    out = model(**kwargs, labels=kwargs["input_ids"])
+    out.loss.backward()
+    return out.logits.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+def layer_keyword_bytes(model, kwargs) -> int:
+    """Bytes of the distinct tensors the decoder layers get as keyword arguments."""
+    storages = {}
+
+    def collect(module, args, layer_kwargs):
+        for t in tree_leaves(layer_kwargs):
+            if isinstance(t, torch.Tensor):
+                storages[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+
+    handle = model.model.layers[0].register_forward_pre_hook(collect, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**kwargs)
+    finally:
+        handle.remove()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("target", ["model", "layers"])
+@pytest.mark.parametrize("policy, options", HF_POLICIES, ids=[p for p, _ in HF_POLICIES])
+def test_hugging_face_layers_take_every_policy(llama, target, policy, options):
+    model, kwargs, reference = llama
+    if policy == "budget":
+        options = {"budget_bytes": 0.7 * measure(model, **kwargs).peak_bytes}
+    try:
+        apply_checkpointing(model if target == "model" else model.model.layers, policy,
+                            **options)
+        assert_same_step(hf_step(model, kwargs), reference, atol=1e-6)
+        if policy == "budget":
+            assert measure(model, **kwargs).peak_bytes <= options["budget_bytes"]
+    finally:
+        apply_checkpointing(model, "none")
+
+
+def test_hugging_face_measure_and_cache_refusal(llama):
+    model, kwargs, _ = llama
+    none = measure(model, **kwargs)
+    assert none.kept_bytes == saved_bytes(model, **kwargs) and none.recompute_flops == 0
+    assert len(none.layers) == 4 and all(layer.kept_bytes > 0 for layer in none.layers)
+    try:
+        apply_checkpointing(model, "full")
+        full = measure(model, **kwargs)
+        # torch.utils.checkpoint holds the layers' keyword arguments (mask, position
+        # embeddings and ids) itself, where saved_tensors_hooks do not see them
+        kept = saved_bytes(model, **kwargs) + layer_keyword_bytes(model, kwargs)
+        assert full.kept_bytes == kept < none.kept_bytes
+        assert sum(layer.recompute_flops for layer in full.layers) == full.recompute_flops > 0
+        # a KV cache would be extended again by the recomputation: refused by name
+        with pytest.raises(ValueError, match="use_cache=True and a KV cache"):
+            model(**(kwargs | {"use_cache": True}))
+        with torch.no_grad():  # generation: nothing is recomputed, caches work
+            model(**(kwargs | {"use_cache": True}))
+    finally:
+        apply_checkpointing(model, "none")

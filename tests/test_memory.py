@@ -363,3 +363,25 @@ def test_largest_disagreement_seen():
     """Prints the largest estimate/measure disagreement of this run (all within 1%)."""
     print({what: f"{error:.4%}" for what, error in WORST.items()})
     assert all(error <= 0.01 for error in WORST.values())
+
+
+class RefusesDeepcopy(torch.nn.Sequential):
+    """Like an FSDP2-sharded module: copy.deepcopy raises."""
+
+    def __deepcopy__(self, memo):
+        raise RuntimeError("does not support deepcopy")
+
+
+def test_budget_plans_layers_that_refuse_deepcopy():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*(RefusesDeepcopy(torch.nn.Linear(16, 64), torch.nn.GELU(),
+                                                  torch.nn.Linear(64, 16)) for _ in range(4)))
+    x = torch.randn(8, 16, requires_grad=True)
+    none_peak = measure(model, x).peak_bytes
+    reference = torch.autograd.grad(model(x).sum(), [x, *model.parameters()])
+    apply_checkpointing(model, "budget", budget_bytes=0.7 * none_peak)
+    got = torch.autograd.grad(model(x).sum(), [x, *model.parameters()])
+    for a, b in zip(got, reference, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    run = measure(model, x)
+    assert run.peak_bytes <= 0.7 * none_peak and run.recompute_flops > 0

@@ -16,7 +16,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..modules.transformer import Transformer
-from .apply import SAVED_OPS, ChainOutput, find_layers, install
+from .apply import SAVED_OPS, ChainOutput, find_layers, install, unwrap
 from .budget import BudgetForward, planner_in_use, use_planner
 from .policies import MODES, POLICIES, Option, Policy, Segment, get_policy
 from .storage import STORAGES
@@ -31,13 +31,17 @@ def apply_checkpointing(model: nn.Module, policy: str = "none", *, storage: str 
 
     Args:
         model: a ckpt_attn.Transformer, any module with a `layers` nn.ModuleList (each
-            layer called on the previous one's output), or an nn.Sequential.
+            layer called on the previous one's output; a Hugging Face model's
+            ``model.model.layers`` is found too), an nn.Sequential or nn.ModuleList, or
+            a DistributedDataParallel holding one of these. Other arguments the model
+            passes to its layers (masks, position embeddings) reach them unchanged.
         policy: a name in POLICIES ("none" removes an earlier policy); its Policy says
             what autograd keeps under it, the options it needs (as keywords: every=,
             ratio=, budget_bytes=) and the storages it takes. A planned policy
             ("budget") plans with ckpt_attn.memory on the first forward of each input
-            shape: for a ckpt_attn.Transformer the final norm counts in budget_bytes;
-            for other models, what runs outside the layers does not. Policies that
+            shape (in eager mode: run one step before torch.compile traces it): for
+            a ckpt_attn.Transformer the final norm counts in budget_bytes; for other
+            models, what runs outside the layers does not. Policies that
             group layers (Policy.groups) need the model to call its layers as a plain
             chain: any other use of an inner layer's output raises a RuntimeError
             where it happens, never a wrong number (see ckpt_attn.checkpointing.apply).
@@ -54,7 +58,8 @@ def apply_checkpointing(model: nn.Module, policy: str = "none", *, storage: str 
     if chosen.planned:
         planner = planner_in_use()
         install(layers, [Segment(i, i + 1, "none") for i in range(len(layers))], "device")
-        tail = getattr(model, "norm", None) if isinstance(model, Transformer) else None
+        inner = unwrap(model)
+        tail = inner.norm if isinstance(inner, Transformer) else None
         layers[0].forward = BudgetForward(layers, planner, options["budget_bytes"], storage,
                                           tail)
     else:

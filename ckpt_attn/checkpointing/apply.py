@@ -8,26 +8,43 @@ Under torch.no_grad the segment runs with no checkpoint machinery at all.
 
 Groups (segments of several layers) need a model that calls its layers as a plain
 chain, and check it as the model runs. The first layer of a group returns, in place
-of its own output (which the segment did not keep), a ChainOutput: a tensor with the
-output's shape and dtype but no data, which refuses every operation. Only the next
-layer of the group, called next on it with the same other arguments, takes it and
+of its own output (which the segment did not keep), a ChainOutput: an object with
+the output's shape and dtype but no data, which refuses every operation. Only the
+next layer of the group, called on it with the same other arguments, takes it and
 returns the next ChainOutput; the last layer returns the segment's real output. So
 a model that uses an inner layer's output anywhere else (a skip connection over a
 layer, collected hidden states, a layer called twice, an op between two layers) gets
-a RuntimeError naming the layer, never a wrong number.
+a RuntimeError naming the layer, never a wrong number; so does a model that calls a
+later layer of a group on anything but a ChainOutput (only its segment does that).
 
-Hooks: a layer's forward hooks run once per forward, around the model's own call,
-and not again when the segment is recomputed. The later layers of a group would see
-theirs run twice, so groups refuse layers that have forward hooks (the first layer's
-forward hooks see its ChainOutput). A layer whose forward is already an instance
-attribute (another wrapper's) is refused too.
+Hooks: the model's call of each layer runs that layer's hooks once per forward.
+Inside a segment, the first layer runs its own forward directly (its hooks ran around
+the model's call) and every later layer is called as a module, so its hooks run in the
+forward and again when the segment is recomputed. That is what FSDP2 (fully_shard)
+expects of its hooks, so groups accept layers that fully_shard manages (the first layer
+of a group is unsharded again before its recomputation, since its output, a
+ChainOutput, carries no FSDP2 pre-backward hook). Groups refuse later layers that
+have forward hooks and are not managed by fully_shard (on a managed one, any hooks
+of the user's run again too). A layer whose forward is already an instance attribute
+(another wrapper's) is refused too.
+
+Keyword arguments pass to every layer unchanged (Hugging Face decoder layers take
+masks, position embeddings and ids so). A KV cache with use_cache=True is refused
+under a recomputing policy with grad enabled: the recomputation would extend it twice.
+
+torch.compile (fullgraph) traces every policy with storage "device": nothing inside a
+checkpointed region changes Python state; what a region needs (the layers, mode,
+storage) is fixed when the plan is installed, the metadata of the inner outputs of a
+group comes back as the region's output, and the segment's `running` flag is set
+and cleared outside the region. Other storages work through saved_tensors_hooks,
+which torch.compile does not trace; they raise a RuntimeError under it.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import functools
-import weakref
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -36,12 +53,18 @@ from torch.utils.checkpoint import (
     CheckpointPolicy,
     checkpoint,
     create_selective_checkpoint_contexts,
-    noop_context_fn,
 )
 
 from .. import ops  # noqa: F401  (registers torch.ops.ckpt_attn)
+from ..distributed import attention  # noqa: F401  (registers ring_attention_forward)
 from .policies import POLICIES, Segment
 from .storage import saved_tensor_hooks, storage_key
+
+try:  # torch.distributed is optional in a torch build
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+except ImportError:  # pragma: no cover
+    FSDPModule = DistributedDataParallel = ()
 
 # Selective checkpointing keeps these ops' outputs and recomputes everything else.
 SAVED_OPS = frozenset({
@@ -50,6 +73,7 @@ SAVED_OPS = frozenset({
     torch.ops.aten.bmm.default,
     torch.ops.aten.baddbmm.default,
     torch.ops.ckpt_attn.attention_forward.default,
+    torch.ops.ckpt_attn.ring_attention_forward.default,  # context parallelism
 })
 
 
@@ -61,15 +85,27 @@ _SELECTIVE_CONTEXT = functools.partial(create_selective_checkpoint_contexts,
                                        _save_matmuls_and_attention)
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model a DistributedDataParallel wrapper holds (``.module``), or model itself."""
+    while isinstance(model, DistributedDataParallel):
+        model = model.module
+    return model
+
+
 def find_layers(model: nn.Module) -> nn.ModuleList | nn.Sequential:
-    """The chain of layers a policy applies to: ``model.layers``, or an nn.Sequential."""
-    layers = getattr(model, "layers", None)
-    if isinstance(layers, (nn.ModuleList, nn.Sequential)) and len(layers) > 0:
-        return layers
-    if isinstance(model, nn.Sequential) and len(model) > 0:
+    """The chain of layers a policy applies to: an nn.ModuleList or nn.Sequential given
+    itself, or the ``layers`` of the model, of a DistributedDataParallel's module, or of
+    a Hugging Face model's base model (``model.model.layers``)."""
+    model = unwrap(model)
+    if isinstance(model, (nn.ModuleList, nn.Sequential)) and len(model) > 0:
         return model
-    raise ValueError(f"model must be an nn.Sequential or have a non-empty `layers` "
-                     f"nn.ModuleList to checkpoint; {type(model).__name__} has neither")
+    for holder in (model, getattr(model, "base_model", None), getattr(model, "model", None)):
+        layers = getattr(holder, "layers", None)
+        if isinstance(layers, (nn.ModuleList, nn.Sequential)) and len(layers) > 0:
+            return layers
+    raise ValueError(f"model must be an nn.Sequential, an nn.ModuleList or have a non-empty "
+                     f"`layers` nn.ModuleList (itself or as model.model.layers) to "
+                     f"checkpoint; {type(model).__name__} has none")
 
 
 def install(layers, plan: list[Segment], storage: str) -> None:
@@ -98,17 +134,21 @@ def remove(layers) -> None:
             del layer.forward
 
 
-_ACTIVE: list[SegmentRun] = []  # segments running their layers now, innermost last
+_watcher: Callable[[nn.Module], contextlib.AbstractContextManager] | None = None
 
 
-def current_layer() -> nn.Module | None:
-    """The layer a segment is running right now (in its forward or its recomputation)."""
-    return _ACTIVE[-1].current if _ACTIVE else None
-
-
-def running(layer: nn.Module) -> bool:
-    """Whether layer is being run by its segment right now (so it runs its own forward)."""
-    return bool(_ACTIVE) and any(layer is member for member in _ACTIVE[-1].layers)
+@contextlib.contextmanager
+def watch(watcher: Callable[[nn.Module], contextlib.AbstractContextManager]) -> Iterator[None]:
+    """Within the block, each segment runs the forward of its first layer (which it calls
+    directly, without module hooks, in the forward and in the recomputation) inside
+    watcher(layer); ckpt_attn.memory.measure attributes the recomputed ops so. Set
+    before the model runs, never inside a checkpointed region."""
+    global _watcher
+    previous, _watcher = _watcher, watcher
+    try:
+        yield
+    finally:
+        _watcher = previous
 
 
 class InstalledForward:
@@ -121,57 +161,37 @@ class SegmentRun:
 
     def __init__(self, layers: list[nn.Module], mode: str, storage: str, start: int):
         self.layers, self.mode, self.storage, self.start = layers, mode, storage, start
-        self.latest = None  # weak reference to the ChainOutput the next layer must take
-        self.current = None  # the layer _run_layers is running
+        self.running = False  # whether the model's call of the first layer runs it now
 
     def __call__(self, x, *args, **kwargs):
         grouped = len(self.layers) > 1
-        if grouped and not isinstance(x, torch.Tensor):
-            raise TypeError(f"a segment of several layers needs a tensor as the first "
-                            f"argument, got {type(x).__name__}")
-        if any(layer._forward_hooks or layer._forward_pre_hooks for layer in self.layers[1:]):
-            raise ValueError("a checkpoint segment of several layers (uniform/sqrt/budget) "
-                             "cannot run forward hooks of its later layers exactly once; "
-                             "remove the hooks or use every=1")
-        hidden = x if self.mode == "full" and isinstance(x, torch.Tensor) else None
-        inner = []  # (shape, stride, dtype, device) of each inner layer's output
-        run_layers = functools.partial(self._run_layers, inner)
-        if not torch.is_grad_enabled():
-            out = run_layers(x, *args, **kwargs)
-        else:
-            with saved_tensor_hooks(self.storage, self._excluded(), hidden):
-                if self.mode == "none":
-                    out = run_layers(x, *args, **kwargs)
-                else:
-                    context = (_SELECTIVE_CONTEXT if self.mode == "selective"
-                               else noop_context_fn)
-                    out = checkpoint(run_layers, x, *args, use_reentrant=False,
-                                     preserve_rng_state=True, context_fn=context, **kwargs)
+        if grouped:
+            self._check_group(x)
+        self.running = True  # set and cleared outside the checkpointed region
+        try:
+            out, inner = self._run(x, args, kwargs)
+        finally:
+            self.running = False
         if not grouped:
             return out
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"a segment of several layers needs layers that return a "
                             f"tensor, got {type(out).__name__}")
-        return self._hand_over(ChainOutput(_Link.first(self, inner, out, args, kwargs)))
+        return ChainOutput(_Link(self, 0, inner, out, args, kwargs))
 
     def pass_through(self, position: int, x, args, kwargs):
         """A later layer of the segment, called by the model on what the layer before it
         returned: hand back the next ChainOutput, or the segment's output at the end."""
-        if not isinstance(x, ChainOutput):
-            raise RuntimeError(f"{self.name(position)} was called on a {type(x).__name__} "
-                               f"that is not the output of {self.name(position - 1)}, but "
-                               f"{self.group()} ran it on that output. {_chain_rule()}")
         link = x.link
-        if link.run is not self or link.position != position - 1 or x is not self._latest():
+        if link.run is not self or link.position != position - 1:
             raise RuntimeError(x.misuse(f"as the input of {self.name(position)}"))
         if not link.same_arguments(args, kwargs):
             raise RuntimeError(f"{self.name(position)} was called with other arguments than "
                                f"{self.name(0)}, and {self.group()} ran all its layers with "
                                f"{self.name(0)}'s. {_chain_rule()}")
         if position == len(self.layers) - 1:
-            self.latest = None
             return link.out
-        return self._hand_over(ChainOutput(dataclasses.replace(link, position=position)))
+        return ChainOutput(_Link(self, position, link.inner, link.out, link.args, link.kwargs))
 
     def name(self, position: int) -> str:
         """How errors name the layer at a position of the segment: layers[i] (Class)."""
@@ -181,34 +201,79 @@ class SegmentRun:
         """How errors name the segment: its checkpoint group layers[i..j]."""
         return f"its checkpoint group layers[{self.start}..{self.start + len(self.layers) - 1}]"
 
-    def _latest(self) -> ChainOutput | None:
-        return None if self.latest is None else self.latest()
+    def _check_group(self, x) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"a segment of several layers needs a tensor as the first "
+                            f"argument, got {type(x).__name__}")
+        for position, layer in enumerate(self.layers[1:], start=1):
+            if (layer._forward_hooks or layer._forward_pre_hooks) and \
+                    not isinstance(layer, FSDPModule):
+                raise ValueError(f"{self.name(position)} has forward hooks, which a checkpoint "
+                                 f"segment of several layers (uniform/sqrt/budget) would run "
+                                 f"again when it recomputes the segment; remove them or use "
+                                 f"every=1 (FSDP2's own hooks are fine)")
 
-    def _hand_over(self, output: ChainOutput) -> ChainOutput:
-        self.latest = weakref.ref(output)
-        return output
+    def calls_itself(self) -> bool:
+        """Whether a call of a later layer on a plain tensor comes from the segment: its
+        forward, or its recomputation in the backward."""
+        return self.running or torch._C._current_graph_task_id() != -1
 
-    def _run_layers(self, inner: list, x, *args, **kwargs):
-        # The first layer's hooks ran around the model's call (a recomputation must run
-        # the same ops, so they do not run again); the later layers' would run here, and
-        # groups refuse layers that have any.
-        _ACTIVE.append(self)
-        try:
-            for position, layer in enumerate(self.layers):
-                self.current = layer
-                if position == 0:
-                    x = type(layer).forward(layer, x, *args, **kwargs)
-                    continue
-                if not isinstance(x, torch.Tensor):
-                    raise TypeError(f"a segment of several layers needs layers that return "
-                                    f"a tensor; {self.name(position - 1)} returned "
-                                    f"{type(x).__name__}")
-                if len(inner) < position:  # recorded by the forward, not by recomputations
-                    inner.append((x.shape, x.stride(), x.dtype, x.device))
-                x = layer(x, *args, **kwargs)
-        finally:
-            _ACTIVE.pop()
-        return x
+    def _run(self, x, args, kwargs):
+        if not torch.is_grad_enabled():
+            return self._run_layers(x, *args, **kwargs)
+        if self.mode != "none":
+            _refuse_caches(kwargs)
+        if self.storage == "device":
+            return self._run_recorded(x, *args, **kwargs)
+        if torch.compiler.is_compiling():
+            raise RuntimeError(f"storage={self.storage!r} stores through "
+                               f"torch.autograd.graph.saved_tensors_hooks, which torch.compile "
+                               f"does not trace; under torch.compile use storage='device' (or "
+                               f"let the compiler choose what to keep)")
+        hidden = x if self.mode == "full" and isinstance(x, torch.Tensor) else None
+        excluded = self._excluded() if self.storage == "cpu" else frozenset()
+        with saved_tensor_hooks(self.storage, excluded, hidden):
+            return self._run_recorded(x, *args, **kwargs)
+
+    def _run_recorded(self, x, *args, **kwargs):
+        """The layers, with autograd keeping what the segment's mode says."""
+        if self.mode == "none":
+            return self._run_layers(x, *args, **kwargs)
+        # context_fn given only for "selective" and as a module constant: torch.compile
+        # recognises the default and a constant selective context, not a variable
+        if self.mode == "selective":
+            return checkpoint(self._run_layers, x, *args, use_reentrant=False,
+                              preserve_rng_state=True, context_fn=_SELECTIVE_CONTEXT, **kwargs)
+        return checkpoint(self._run_layers, x, *args, use_reentrant=False,
+                          preserve_rng_state=True, **kwargs)
+
+    def _run_layers(self, x, *args, **kwargs):
+        """Run the layers in order: (the last one's output, (shape, stride, dtype, device)
+        of each inner output). The body of the checkpointed region: it reads the plan and
+        changes no Python state."""
+        inner = []
+        for position, layer in enumerate(self.layers):
+            if position == 0:
+                x = self._run_first(layer, x, args, kwargs)
+                continue
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"a segment of several layers needs layers that return a "
+                                f"tensor; {self.name(position - 1)} returned "
+                                f"{type(x).__name__}")
+            inner.append((x.shape, x.stride(), x.dtype, x.device))
+            x = layer(x, *args, **kwargs)  # its hooks run; its LayerForward runs its forward
+        return x, tuple(inner)
+
+    @staticmethod
+    def _run_first(layer: nn.Module, x, args, kwargs):
+        if isinstance(layer, FSDPModule) and torch.is_grad_enabled():
+            # idempotent in the forward; in the recomputation it brings back parameters
+            # FSDP2 resharded after the forward, which stay until the layer's backward
+            layer.unshard()
+        if _watcher is None:
+            return type(layer).forward(layer, x, *args, **kwargs)
+        with _watcher(layer):
+            return type(layer).forward(layer, x, *args, **kwargs)
 
     def _excluded(self) -> set[int]:
         return {storage_key(t) for layer in self.layers
@@ -216,78 +281,79 @@ class SegmentRun:
 
 
 class LayerForward(InstalledForward):
-    """The forward a plan installs on a layer: the layer's own forward while its segment
-    runs; otherwise position 0 runs the segment and the later positions pass through."""
+    """The forward a plan installs on a layer. The first layer of a segment runs the
+    segment. A later layer, called by the model, takes the ChainOutput of the layer
+    before it and passes it on; called by its segment, it runs its own forward."""
 
     def __init__(self, run: SegmentRun, position: int):
         self.run, self.position = run, position
 
     def __call__(self, x, *args, **kwargs):
-        run = self.run
-        layer = run.layers[self.position]
-        if running(layer):
-            return type(layer).forward(layer, x, *args, **kwargs)
-        if self.position == 0 and not isinstance(x, ChainOutput):
+        run, position = self.run, self.position
+        if isinstance(x, ChainOutput):
+            return run.pass_through(position, x, args, kwargs)
+        if position == 0:
             return run(x, *args, **kwargs)
-        return run.pass_through(self.position, x, args, kwargs)
+        if not run.calls_itself():
+            raise RuntimeError(f"{run.name(position)} was called on a {type(x).__name__} "
+                               f"that is not the output of {run.name(position - 1)}, but "
+                               f"{run.group()} ran it on that output. {_chain_rule()}")
+        layer = run.layers[position]
+        return type(layer).forward(layer, x, *args, **kwargs)
 
 
-@dataclasses.dataclass
 class _Link:
     """What a ChainOutput stands for: the output of layer `position` of a segment run;
-    with the shapes of its layers' outputs, its real output, and the other arguments its
-    layers ran with (tensors by weak reference)."""
+    with the metadata of its layers' inner outputs, its real output, and the other
+    arguments its layers ran with."""
 
-    run: SegmentRun
-    position: int
-    inner: list
-    out: torch.Tensor
-    args: list
-    kwargs: dict
-
-    @classmethod
-    def first(cls, run: SegmentRun, inner: list, out: torch.Tensor, args, kwargs) -> _Link:
-        """The link of the segment's first layer's output."""
-        return cls(run, 0, inner, out, [_reference(a) for a in args],
-                   {name: _reference(a) for name, a in kwargs.items()})
+    def __init__(self, run: SegmentRun, position: int, inner: tuple, out: torch.Tensor,
+                 args: tuple, kwargs: dict):
+        self.run, self.position, self.inner, self.out = run, position, inner, out
+        self.args, self.kwargs = args, kwargs
 
     def same_arguments(self, args, kwargs) -> bool:
-        """Whether args and kwargs are those the segment ran its layers with."""
-        return (len(args) == len(self.args) and kwargs.keys() == self.kwargs.keys()
-                and all(_same(ref, a) for ref, a in zip(self.args, args, strict=True))
-                and all(_same(self.kwargs[name], a) for name, a in kwargs.items()))
+        """Whether args and kwargs are those the segment ran its layers with: the same
+        structure, the same tensors, equal other values (e.g. one tuple of position
+        embeddings passed to every layer)."""
+        return _same(self.args, args) and _same(self.kwargs, kwargs)
 
 
-class ChainOutput(torch.Tensor):
+class ChainOutput:
     """Stands for the output of an inner layer of a checkpoint group, which the group
-    computed but did not keep: it has that output's shape, stride, dtype and device
-    (requires_grad False), no data, and refuses every other use with a RuntimeError;
-    only the group's next layer takes it (see the module docstring)."""
+    computed but did not keep: it answers shape, size(), stride(), dim(), ndim, dtype,
+    device and requires_grad (False) like that output, and refuses every other use (a
+    torch function, a method, an operator) with a RuntimeError; only the group's next
+    layer takes it (see the module docstring). It is a plain Python object, so that
+    torch.compile traces groups too."""
 
-    _METADATA = frozenset({torch.Tensor.shape.__get__, torch.Tensor.dtype.__get__,
-                           torch.Tensor.device.__get__, torch.Tensor.ndim.__get__,
-                           torch.Tensor.requires_grad.__get__, torch.Tensor.size,
-                           torch.Tensor.dim, torch.Tensor.stride})
+    requires_grad = False
 
-    @staticmethod
-    def __new__(cls, link: _Link):
-        shape, stride, dtype, device = link.inner[link.position]
-        output = torch.Tensor._make_wrapper_subclass(cls, shape, strides=stride, dtype=dtype,
-                                                     device=device, requires_grad=False)
-        output.link = link
-        return output
+    def __init__(self, link: _Link):
+        self.link = link
+        self.shape, self._stride, self.dtype, self.device = link.inner[link.position]
+        self.ndim = len(self.shape)
+
+    def size(self, dim: int | None = None):
+        """The output's size (of dimension dim)."""
+        return self.shape if dim is None else self.shape[dim]
+
+    def stride(self, dim: int | None = None):
+        """The output's strides (of dimension dim)."""
+        return self._stride if dim is None else self._stride[dim]
+
+    def dim(self) -> int:
+        """The output's number of dimensions."""
+        return self.ndim
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in cls._METADATA:
-            with torch._C.DisableTorchFunctionSubclass():
-                return func(*args, **kwargs)
-        raise RuntimeError(_misuse(args, kwargs, getattr(func, "__name__", repr(func))))
+        raise RuntimeError(_misuse(args, kwargs or {}, getattr(func, "__name__", repr(func))))
 
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        raise RuntimeError(_misuse(args, kwargs or {}, str(func)))
+    def __getattr__(self, name: str):
+        if name.startswith("__"):  # protocols probed by Python (copy, pickle): absent
+            raise AttributeError(name)
+        raise RuntimeError(self.misuse(name))
 
     def misuse(self, how: str) -> str:
         """The error for using this placeholder `how`."""
@@ -303,9 +369,41 @@ class ChainOutput(torch.Tensor):
                 f"shape={tuple(self.shape)}, dtype={self.dtype})")
 
 
+def _refuse(name: str):
+    def refuse(self, *args, **kwargs):
+        raise RuntimeError(self.misuse(name.strip("_")))
+    refuse.__name__ = name
+    return refuse
+
+
+for _operator in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and",
+                  "or", "xor", "lshift", "rshift"):
+    for _name in (f"__{_operator}__", f"__r{_operator}__", f"__i{_operator}__"):
+        setattr(ChainOutput, _name, _refuse(_name))
+for _name in ("__neg__", "__pos__", "__abs__", "__invert__", "__getitem__", "__setitem__",
+              "__len__", "__iter__", "__bool__", "__float__", "__int__", "__index__",
+              "__complex__", "__array__", "__lt__", "__le__", "__gt__", "__ge__"):
+    setattr(ChainOutput, _name, _refuse(_name))
+
+
 def _misuse(args, kwargs, how: str) -> str:
     output = next((t for t in tree_leaves((args, kwargs)) if isinstance(t, ChainOutput)), None)
     return output.misuse(how) if output is not None else f"a ChainOutput was used ({how})"
+
+
+_CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value")
+
+
+def _refuse_caches(kwargs: dict) -> None:
+    """A KV cache (Hugging Face layers take one with use_cache=True) is extended by each
+    forward of a layer: a recomputation would extend it again."""
+    cached = [name for name in _CACHE_ARGUMENTS if kwargs.get(name) is not None]
+    if kwargs.get("use_cache") and cached:
+        raise ValueError(f"the layers were called with use_cache=True and a KV cache "
+                         f"({cached[0]}=...) under a checkpoint policy that recomputes them: "
+                         f"the recomputation would extend the cache a second time; pass "
+                         f"use_cache=False for training steps (under torch.no_grad, for "
+                         f"generation, caches work with every policy)")
 
 
 def _chain_rule() -> str:
@@ -319,11 +417,17 @@ def _chain_rule() -> str:
             f"policy ({per_layer}).")
 
 
-def _reference(value):
-    return weakref.ref(value) if isinstance(value, torch.Tensor) else value
-
-
 def _same(reference, value) -> bool:
-    if isinstance(reference, weakref.ref):
-        return reference() is value
-    return reference is value or (not isinstance(value, torch.Tensor) and reference == value)
+    """Tensors (and other objects) by identity, containers item by item, other values by
+    equality."""
+    if reference is value:
+        return True
+    if isinstance(reference, torch.Tensor) or isinstance(value, torch.Tensor):
+        return False
+    if isinstance(reference, (tuple, list)):
+        return (type(reference) is type(value) and len(reference) == len(value)
+                and all(_same(a, b) for a, b in zip(reference, value, strict=True)))
+    if isinstance(reference, dict):
+        return (isinstance(value, dict) and reference.keys() == value.keys()
+                and all(_same(reference[key], value[key]) for key in reference))
+    return type(reference) is type(value) and reference == value

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
-from .apply import InstalledForward, install, running
+from .apply import InstalledForward, install
 
 Planner = Callable[..., object]
 """planner(layers, x, args, kwargs, *, budget_bytes, tail) -> a plan whose `segments` (a
@@ -49,8 +49,11 @@ class BudgetForward(InstalledForward):
 
     planner (see Planner) is called once per (shape, dtype, device) of the first
     layer's input, with `tail`, the module after the layers (a Transformer's final
-    norm), if given. Planning runs outside any active dispatch mode (a measure() or
-    FlopCounterMode around the model sees only the step itself).
+    norm), if given; the plan is installed when the shape changes. Planning runs in
+    eager PyTorch, outside any active dispatch mode (a measure() or FlopCounterMode
+    around the model sees only the step itself). torch.compile traces the installed
+    plan; a shape with no plan yet under torch.compile raises a RuntimeError asking for
+    one eager forward of that shape first (the planner cannot be traced).
     """
 
     def __init__(self, layers, planner: Planner, budget_bytes: float, storage: str,
@@ -58,22 +61,32 @@ class BudgetForward(InstalledForward):
         self.layers, self.planner, self.budget_bytes = layers, planner, budget_bytes
         self.storage, self.tail = storage, tail
         self.plans = {}
-        self.head = None
+        self.installed = None  # the (shape, dtype, device) whose plan is installed
+        self.head = None  # the forward that plan put on the first layer (None: its own)
 
     def __call__(self, x, *args, **kwargs):
-        first = self.layers[0]
-        if running(first):
-            return type(first).forward(first, x, *args, **kwargs)
         if torch.is_grad_enabled():
             key = (tuple(x.shape), x.dtype, x.device)
-            if key not in self.plans:
-                with _disable_current_modes():
-                    self.plans[key] = self.planner(self.layers, x, args, kwargs,
-                                                   budget_bytes=self.budget_bytes,
-                                                   tail=self.tail).segments
-            install(self.layers, self.plans[key], self.storage)
-            self.head = first.__dict__.get("forward")
-            first.forward = self
+            if key != self.installed:
+                self._install(key, x, args, kwargs)
         if self.head is None:
+            first = self.layers[0]
             return type(first).forward(first, x, *args, **kwargs)
         return self.head(x, *args, **kwargs)
+
+    def _install(self, key, x, args, kwargs) -> None:
+        if torch.compiler.is_compiling():
+            raise RuntimeError(f"policy 'budget' has no plan for an input of shape {key[0]}, "
+                               f"{key[1]} on {key[2]}: planning measures the layers and "
+                               f"cannot be traced; run the model once in eager mode, with "
+                               f"grad enabled, on that shape before torch.compile traces it")
+        if key not in self.plans:
+            with _disable_current_modes():
+                self.plans[key] = self.planner(self.layers, x, args, kwargs,
+                                               budget_bytes=self.budget_bytes,
+                                               tail=self.tail).segments
+        first = self.layers[0]
+        install(self.layers, self.plans[key], self.storage)
+        self.head = first.__dict__.get("forward")
+        first.forward = self
+        self.installed = key

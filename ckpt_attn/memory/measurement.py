@@ -20,7 +20,9 @@ FakeTensorMode (nothing is allocated there).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 
 import torch
 from torch._guards import detect_fake_mode
@@ -34,7 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.flop_counter import flop_registry
 
-from ..checkpointing.apply import current_layer, find_layers
+from ..checkpointing.apply import find_layers, watch
 from .report import Report
 
 OTHER = -1  # the scope of tensors created outside the model's layers
@@ -123,11 +125,18 @@ class _Recorder(TorchDispatchMode):
 
     def scope(self) -> int:
         """The layer that owns what is created now: the innermost layer whose forward
-        runs, or the one a checkpoint segment is running (hooks do not mark a segment's
-        first layer during recomputation)."""
-        if self.scopes[-1] == OTHER:
-            return self.layer_index.get(id(current_layer()), OTHER)
+        runs."""
         return self.scopes[-1]
+
+    @contextlib.contextmanager
+    def running(self, layer) -> Iterator[None]:
+        """A checkpoint segment runs its first layer's forward directly (no module hooks
+        mark it, in its recomputation in particular): scope it like a module call."""
+        self.enter_module(layer)
+        try:
+            yield
+        finally:
+            self.leave_module()
 
     def enter_module(self, module, *_) -> None:
         """A module's forward starts (a global forward pre-hook): what it creates belongs
@@ -181,7 +190,7 @@ def measure(model: torch.nn.Module, *inputs, **kwargs) -> Measurement:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     try:
-        with recorder:
+        with recorder, watch(recorder.running):
             loss = _forward_loss(model, inputs, kwargs)
             kept = recorder.live_bytes() - _bytes(loss)
             per_layer_kept = [recorder.live_bytes(i) for i in range(len(layers))]

@@ -22,11 +22,16 @@ import dataclasses
 import itertools
 import math
 import operator
-from copy import deepcopy
 from typing import NamedTuple
 
 import torch
 from torch.utils._pytree import tree_map
+
+try:  # torch.distributed is optional in a torch build
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    DTensor = FSDPModule = ()
 
 from ..checkpointing.apply import InstalledForward, install
 from ..checkpointing.policies import Segment
@@ -328,25 +333,49 @@ def tail_cost(module: torch.nn.Module, x: torch.Tensor) -> tuple[int, int]:
 
 
 def _meta_copy(layer: torch.nn.Module) -> torch.nn.Module:
-    """A copy of layer whose parameters and buffers are on the meta device (nothing is
-    allocated), without any forward a policy installed."""
-    memo = {id(p): torch.nn.Parameter(_meta(p), p.requires_grad) for p in layer.parameters()}
-    memo |= {id(b): _meta(b) for b in layer.buffers()}
-    # an installed forward refers to other layers: stand a placeholder in, not a copy
-    memo |= {id(m.forward): _PLACEHOLDER for m in layer.modules()
-             if isinstance(m.__dict__.get("forward"), InstalledForward)}
-    copy = deepcopy(layer, memo)
-    for module in copy.modules():
-        if isinstance(module.__dict__.get("forward"), InstalledForward):
-            del module.forward
-    return copy
+    """A copy of layer whose parameters and buffers are on the meta device, with their
+    full shapes (an FSDP2-sharded parameter's global shape), without hooks, FSDP2's
+    class or any forward a policy installed. Modules are copied one by one (not with deepcopy,
+    which FSDP2 modules refuse); other attributes are shared with the original, and a
+    module that appears twice inside layer is copied once."""
+    copies = {}
+
+    def copy(module: torch.nn.Module) -> torch.nn.Module:
+        if id(module) in copies:
+            return copies[id(module)]
+        clone = object.__new__(_unsharded_class(module))
+        copies[id(module)] = clone
+        state = dict(module.__dict__)
+        if isinstance(state.get("forward"), InstalledForward):
+            del state["forward"]
+        for name, value in state.items():
+            if name.endswith("_hooks") or name.endswith("_hooks_with_kwargs") \
+                    or name.endswith("_hooks_always_called"):
+                state[name] = type(value)()  # no hooks (FSDP2's included)
+        state["_parameters"] = {name: None if p is None else torch.nn.Parameter(
+            _meta(p), p.requires_grad) for name, p in module._parameters.items()}
+        state["_buffers"] = {name: None if b is None else _meta(b)
+                             for name, b in module._buffers.items()}
+        state["_modules"] = {name: None if m is None else copy(m)
+                             for name, m in module._modules.items()}
+        clone.__dict__.update(state)
+        return clone
+
+    return copy(layer)
 
 
-_PLACEHOLDER = InstalledForward()
+def _unsharded_class(module: torch.nn.Module) -> type:
+    """The module's class without FSDP2's (fully_shard makes an FSDP<Class> subclass)."""
+    return next(cls for cls in type(module).__mro__ if not issubclass(cls, FSDPModule))
 
 
 def _meta(t: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(t, device="meta")
+    """An empty meta tensor like t: its strides as empty_like keeps them; for a
+    distributed tensor (an FSDP2-sharded parameter), its global shape."""
+    data = t.data if isinstance(t, torch.nn.Parameter) else t
+    if isinstance(data, DTensor):
+        return torch.empty(data.shape, dtype=data.dtype, device="meta")
+    return torch.empty_like(data, device="meta")
 
 
 def _measure_layer(copy, x, args, kwargs) -> LayerCost:
