@@ -12,7 +12,8 @@ Three kernels, no atomics, so the gradients are bitwise deterministic:
 
 With P = exp2((S - max) - log2 sum) from the forward's row statistics, dP = dO V^T
 and dS = P * (dP - delta):
-dV = P^T dO, dK = scale * dS^T Q, dQ = scale * dS K. With dropout, the mask is
+dV = P^T dO, dK = (scale * dS)^T Q (dS scaled before the product, as autograd does:
+after it, q of magnitude 1e3 cost dk 3x naive's error), dQ = scale * dS K. With dropout, the mask is
 regenerated from the seed: dV = Z^T dO with Z = keep * P / (1 - p), and dP is
 masked and scaled the same way before dS.
 """
@@ -95,7 +96,7 @@ def _probabilities(s, row_max, log2_sum, qk_scale, MASKED: tl.constexpr):
 def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
                          stats_base, delta_base, rng_base, rng_row_stride, offs_m, offs_n,
                          d_ok, lo, hi,
-                         seqlen_q, seqlen_k, qk_scale, mask_base, stride_mm, stride_mn,
+                         seqlen_q, seqlen_k, qk_scale, sm_scale, mask_base, stride_mm, stride_mn,
                          window_left, window_right, seed, dropout_p,
                          CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
                          HAS_WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr,
@@ -140,8 +141,8 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_
         else:
             z_t = p_t
         dv = tl.dot(z_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
-        # -- dS^T = P^T * (dP^T - delta) --
-        ds_t = p_t * (dp_t - delta[None, :])
+        # -- dS^T = P^T * (dP^T - delta), scaled before the product as autograd does --
+        ds_t = p_t * (dp_t - delta[None, :]) * sm_scale
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
         q_tile += q_step
         do_tile += do_step
@@ -220,30 +221,29 @@ def _attn_bwd_dkdv(Q, K, V, DO, STATS, DELTA, MASK, CU_Q, CU_K, DK, DV, sm_scale
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
                 stats_base, delta_base, rng_base, rng_row_stride, offs_m, offs_n, d_ok, lo, hi,
-                seqlen_q, seqlen_k, qk_scale, mask_base, stride_mm, stride_mn, window_left,
-                window_right, seed, dropout_p, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT,
-                True, BLOCK_M, INPUT_PRECISION)
+                seqlen_q, seqlen_k, qk_scale, sm_scale, mask_base, stride_mm, stride_mn,
+                window_left, window_right, seed, dropout_p, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW,
+                DROPOUT, True, BLOCK_M, INPUT_PRECISION)
         else:
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
                 stats_base, delta_base, rng_base, rng_row_stride, offs_m, offs_n, d_ok, lo, mid,
-                seqlen_q, seqlen_k, qk_scale, mask_base, stride_mm, stride_mn, window_left,
-                window_right, seed, dropout_p, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT,
-                True, BLOCK_M, INPUT_PRECISION)
+                seqlen_q, seqlen_k, qk_scale, sm_scale, mask_base, stride_mm, stride_mn,
+                window_left, window_right, seed, dropout_p, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW,
+                DROPOUT, True, BLOCK_M, INPUT_PRECISION)
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
                 stats_base, delta_base, rng_base, rng_row_stride, offs_m, offs_n, d_ok, mid, full,
-                seqlen_q, seqlen_k, qk_scale, mask_base, stride_mm, stride_mn, window_left,
-                window_right, seed, dropout_p, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT,
-                False, BLOCK_M, INPUT_PRECISION)
+                seqlen_q, seqlen_k, qk_scale, sm_scale, mask_base, stride_mm, stride_mn,
+                window_left, window_right, seed, dropout_p, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW,
+                DROPOUT, False, BLOCK_M, INPUT_PRECISION)
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
                 stats_base, delta_base, rng_base, rng_row_stride, offs_m, offs_n, d_ok, full,
-                seqlen_q_loop, seqlen_q, seqlen_k, qk_scale, mask_base, stride_mm, stride_mn,
-                window_left, window_right, seed, dropout_p, CAUSAL, MASK_KIND, MASK_ROW,
+                seqlen_q_loop, seqlen_q, seqlen_k, qk_scale, sm_scale, mask_base, stride_mm,
+                stride_mn, window_left, window_right, seed, dropout_p, CAUSAL, MASK_KIND, MASK_ROW,
                 HAS_WINDOW, DROPOUT, True, BLOCK_M, INPUT_PRECISION)
 
-    dk *= sm_scale
     tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + key0 * stride_dkn
              + tile_n * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_ok)
     tl.store(DV + off_b * stride_dvb + off_hk * stride_dvh + key0 * stride_dvn

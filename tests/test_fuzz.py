@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from conftest import DEVICE
-from hypothesis import HealthCheck, Phase, assume, example, given, settings
+from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 from reference import (
     ATOL,
@@ -499,22 +499,38 @@ REGRESSIONS = [
 ]
 
 
-def with_regressions(test):
-    """`test` with every problem of REGRESSIONS as an explicit hypothesis example."""
-    for problem in REGRESSIONS:
-        test = example(problem=problem)(test)
-    return test
+# The Triton kernels' known deviations among REGRESSIONS, by index: a one-query row whose
+# delta = rowsum(dO * O) - dlse keeps O's rounding (the tiled backward cannot form
+# rowsum(P * dP) before its key loop), and P recomputed from log2-domain scores (exp2 is
+# the hardware's exponential).
+TRITON_DEVIATIONS = {
+    4: "delta = rowsum(dO * O) keeps O's rounding on a one-query, two-key row: dk 6.3x",
+    5: "P recomputed from log2-domain scores, naive at half an ulp: dq 6.3x",
+}
 
 
-@settings(phases=[Phase.explicit], deadline=None)
-@with_regressions
-@given(problem=st.sampled_from(REGRESSIONS))
-def test_torch_backend_regressions(problem):
-    """The torch backend on each of REGRESSIONS, under the rule (whatever the budget)."""
-    if isinstance(problem, Dense):
-        check_dense(problem, "torch")
-    else:
-        check_packed(problem, "torch")
+def _regression_cases():
+    for backend in BACKENDS:
+        for index, problem in enumerate(REGRESSIONS):
+            marks = ()
+            if backend == "triton" and index in TRITON_DEVIATIONS:
+                marks = pytest.mark.xfail(strict=True, reason=TRITON_DEVIATIONS[index])
+            yield pytest.param(backend, problem, marks=marks, id=f"{backend}-{index}")
+
+
+@pytest.mark.parametrize(("backend", "problem"), list(_regression_cases()))
+def test_regressions(backend, problem):
+    """Each of REGRESSIONS on each backend, under the rule (whatever the budget)."""
+
+    @settings(max_examples=1, deadline=None, database=None, phases=[Phase.generate])
+    @given(st.just(problem))  # the checks' assume() needs a hypothesis context
+    def check(problem):
+        if isinstance(problem, Dense):
+            check_dense(problem, backend)
+        else:
+            check_packed(problem, backend)
+
+    check()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
