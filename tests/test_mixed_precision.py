@@ -220,6 +220,15 @@ def sdpa_attention(q, k, v, attn_mask=None, dropout_p=0.0, causal=False, **_):
                                           enable_gqa=True)
 
 
+def finite_outputs_and_grads(module, out, input_name, x):
+    """{"out", input_name, "d <parameter>"} after a backward, each checked present and finite."""
+    named = {"out": out, input_name: x.grad}
+    named.update((f"d {name}", p.grad) for name, p in module.named_parameters())
+    for name, t in named.items():
+        assert t is not None and t.isfinite().all(), name
+    return named
+
+
 def model_outputs(model, x, mask, grad_output, *, autocast=None):
     """The model's output, and the gradients of <output, grad_output> for every parameter
     and for x, all in float64 for comparison."""
@@ -232,11 +241,7 @@ def model_outputs(model, x, mask, grad_output, *, autocast=None):
             out = model(x, mask)
     assert out.isfinite().all()
     (out * grad_output.to(out.dtype)).sum().backward()
-    named = {"out": out, "dx": x.grad}
-    named.update((f"d {name}", p.grad) for name, p in model.named_parameters())
-    for name, t in named.items():
-        assert t is not None and t.isfinite().all(), name
-    return named
+    return finite_outputs_and_grads(model, out, "dx", x)
 
 
 def assert_transformer_autocast_within_rule(monkeypatch, device, dtype, label):
@@ -285,11 +290,7 @@ def mha_outputs(module, query, kpm, attn_mask, grad_output, *, autocast, need_we
         out, _ = module(query, query, query, key_padding_mask=kpm, attn_mask=attn_mask,
                         need_weights=need_weights)
     (out * grad_output.to(out.dtype)).sum().backward()
-    named = {"out": out, "dquery": query.grad}
-    named.update((f"d {name}", p.grad) for name, p in module.named_parameters())
-    for name, t in named.items():
-        assert t is not None and t.isfinite().all(), name
-    return named
+    return finite_outputs_and_grads(module, out, "dquery", query)
 
 
 def assert_mha_autocast_within_rule(device, dtype, need_weights, label):
