@@ -35,8 +35,12 @@ fuzz: install
 	CKPT_ATTN_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q --hypothesis-show-statistics \
 		tests/test_fuzz.py $(PYTEST_ARGS)
 
+# The attention op, then the checkpoint policies' trade-off (benchmarks/results/
+# policies.md, .csv, .png; about 20 CPU-minutes on the CPU, most of it seven inductor
+# compiles).
 bench: install
 	$(PY) -m benchmarks.bench_attention
+	$(PY) -m benchmarks.bench_policies
 
 lint: install
 	$(PY) -m pip install -q "ruff>=0.5"
@@ -52,7 +56,8 @@ codegen: install
 tune: install
 	$(PY) -m benchmarks.tune
 
-# On a CUDA machine: the GPU tests, then a short benchmark (run even if a test
+# On a CUDA machine: the GPU tests, then a short benchmark of the op and the
+# policies, and a 2-rank context-parallel check when 2+ GPUs are visible (run even if a test
 # fails), results under benchmarks/results/; fails if a test failed. Under 8
 # minutes on one H100/H200. Needs no network where torch, triton, pytest,
 # einops and hypothesis are installed.
@@ -61,6 +66,11 @@ gpu-check: install
 	status=0; \
 	$(PY) -m pytest -q -m gpu tests 2>&1 | tee benchmarks/results/gpu-tests.txt || status=$$?; \
 	$(PY) -m benchmarks.bench_attention --quick --out benchmarks/results; \
+	$(PY) -m benchmarks.bench_policies --quick --out benchmarks/results/gpu-policies; \
+	if [ "$$($(PY) -c 'import torch; print(torch.cuda.device_count())')" -gt 1 ]; then \
+		$(PY) -m torch.distributed.run --nproc-per-node 2 -m ckpt_attn.distributed.selfcheck \
+			| tee benchmarks/results/gpu-context-parallel.txt || status=$$?; \
+	fi; \
 	echo "ptxas's report of the kernels just timed (sm_90a, bf16; see sm90_codegen.md):"; \
 	TRITON_DEFAULT_FP_FUSION=1 $(PY) -m benchmarks.codegen --arch 90 --dtype bf16 \
 		--head-dim 64 128 --out benchmarks/results/gpu-codegen; \
