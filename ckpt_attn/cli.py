@@ -3,7 +3,7 @@
     ckpt-attn estimate --preset llama-7b --seq 4096 [--json] [--plot pareto.png]
     ckpt-attn estimate --preset llama-3-8b --seq 131072 --context-parallel 8  (per rank)
     ckpt-attn plan --preset llama-7b --seq 4096 --budget 40GiB
-    ckpt-attn bench [--quick] [--out DIR]
+    ckpt-attn bench [--quick] [--out DIR] [--threads N]
 
 Also ``python -m ckpt_attn``. Bad input exits with status 2 and one line on stderr.
 """
@@ -158,6 +158,7 @@ def bench_parser() -> argparse.ArgumentParser:
     parser.add_argument("-h", "--help", action="store_true")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--threads", type=int)
     return parser
 
 
