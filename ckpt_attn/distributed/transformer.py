@@ -23,13 +23,6 @@ from .attention import context_parallel_attention
 from .sharding import check_layout, resolve_group, shard_ranges
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of x, (B, n, H, D), by tables (n, 1, D) in x's dtype:
-    RotaryEmbedding's rotate-half formula."""
-    first, second = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-second, first], dim=-1) * sin
-
-
 class ContextParallelAttention(nn.Module):
     """Attention's computation on this rank's shard of the sequence.
 
@@ -73,8 +66,7 @@ class ContextParallelAttention(nn.Module):
 
     def _rotate_by_global_position(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, S/P, H, D) rotated by the global positions of this rank's tokens, one
-        contiguous range at a time (views of the tables, in x's dtype as RotaryEmbedding
-        applies them: nothing copied for autograd)."""
+        contiguous range at a time."""
         world_size = dist.get_world_size(self.group)
         seq_len = x.shape[1] * world_size
         if seq_len > self.rope.cos.shape[0]:
@@ -84,9 +76,7 @@ class ContextParallelAttention(nn.Module):
         ranges = shard_ranges(seq_len, dist.get_rank(self.group), world_size, self.layout)
         parts, offset = [], 0
         for positions in ranges:
-            rows = slice(positions.start, positions.stop)
-            cos, sin = self.rope.cos[rows].to(x.dtype), self.rope.sin[rows].to(x.dtype)
-            parts.append(_rotate(x[:, offset:offset + len(positions)], cos, sin))
+            parts.append(self.rope(x[:, offset:offset + len(positions)], start=positions.start))
             offset += len(positions)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 

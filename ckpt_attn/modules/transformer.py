@@ -154,13 +154,13 @@ class RotaryEmbedding(nn.Module):
         self.reset_parameters()
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Rotate x, (B, S, H, D), by its positions, in x's dtype."""
-        seq_len = x.shape[1]
-        if seq_len > self.cos.shape[0]:
-            raise ValueError(f"sequence length {seq_len} exceeds max_seq_len "
-                             f"{self.cos.shape[0]} of the rotary tables")
-        cos, sin = self.cos[:seq_len].to(x.dtype), self.sin[:seq_len].to(x.dtype)
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Rotate x, (B, S, H, D), by its positions start .. start + S - 1, in x's dtype."""
+        stop = start + x.shape[1]
+        if stop > self.cos.shape[0]:
+            raise ValueError(f"position {stop - 1} (sequence length {stop}) exceeds "
+                             f"max_seq_len {self.cos.shape[0]} of the rotary tables")
+        cos, sin = self.cos[start:stop].to(x.dtype), self.sin[start:stop].to(x.dtype)
         first, second = x.chunk(2, dim=-1)
         rotated = torch.cat([-second, first], dim=-1)
         return x * cos + rotated * sin
