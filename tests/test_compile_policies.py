@@ -10,8 +10,9 @@ first (its planner cannot be traced), then compiled.
 
 Storage "cpu" is left out: it offloads to pinned host memory on CUDA, and on the CPU
 keeps tensors where they are (tests/test_checkpointing.py checks that). Storages "int8"
-and "fp8" quantize through torch.autograd.graph.saved_tensors_hooks, which Dynamo does
-not trace: under torch.compile they raise a RuntimeError that says so (tested below).
+and "fp8" quantize inside the compiled graph (eager mode quantizes through
+saved_tensors_hooks, which Dynamo does not trace): tested below, one graph, gradients
+equal to eager's and int8/fp8 codes kept in place of each layer's input.
 """
 
 from __future__ import annotations
@@ -114,9 +115,56 @@ def test_budget_without_an_eager_plan_asks_for_one():
         torch.compile(model, backend="eager", fullgraph=True)(inputs())
 
 
-@pytest.mark.parametrize("storage", ["int8", "fp8"])
-def test_quantized_storage_under_compile_is_refused_by_name(storage):
+class SavedTensors:
+    """What autograd saves while active, parameters and buffers of `model` excepted: a
+    (dtype, shape, bytes) per tensor. A compiled forward saves through
+    ctx.save_for_backward, so these hooks see what the compiled graph keeps."""
+
+    def __init__(self, model: nn.Module):
+        self.state = {t.untyped_storage()._cdata
+                      for t in (*model.parameters(), *model.buffers())}
+        self.saved = []
+
+    def __enter__(self):
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.hooks.__exit__(*exc)
+
+    def pack(self, t):
+        if t.untyped_storage()._cdata not in self.state:
+            self.saved.append((t.dtype, tuple(t.shape), t.untyped_storage().nbytes()))
+        return t
+
+
+@pytest.mark.parametrize("storage, code_dtype",
+                         [("int8", torch.int8), ("fp8", torch.float8_e4m3fn)])
+def test_quantized_storage_compiles_in_one_graph_and_keeps_codes(storage, code_dtype):
+    """full with int8/fp8 under inductor: one graph, loss and gradients equal to eager
+    (which stores through saved_tensors_hooks), and the compiled forward keeps layer
+    inputs only as codes and per-row scales: no floating tensor of the hidden shape."""
+    x = inputs()
     model = apply_checkpointing(make_model(), "full", storage=storage)
+    eager = step(model, x)
     torch._dynamo.reset()
-    with pytest.raises(RuntimeError, match=f"storage={storage!r}.*torch.compile"):
-        torch.compile(model, backend="eager", fullgraph=True)(inputs())
+    counters.clear()
+    compiled = torch.compile(model, backend="inductor", fullgraph=True)
+    with torch._inductor.config.patch(compile_threads=1):
+        got = step(compiled, x)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    torch.testing.assert_close(got[0], eager[0], atol=1e-6, rtol=1e-5)
+    for got_grad, want_grad in zip(got[1], eager[1], strict=True):
+        torch.testing.assert_close(got_grad, want_grad, atol=1e-6, rtol=1e-5)
+
+    with SavedTensors(model) as kept:
+        compiled(x)
+    hidden, rows = tuple(x.shape), x.shape[0] * x.shape[1]
+    assert (code_dtype, hidden, x.numel()) in kept.saved, kept.saved
+    assert not [s for s in kept.saved if s[0].is_floating_point and s[1] == hidden
+                and s[0] != code_dtype], kept.saved
+    # at most: per layer its codes and scales; the final norm's row statistics
+    most = len(model.layers) * (x.numel() + 4 * rows) + 4 * rows
+    assert sum(nbytes for *_, nbytes in kept.saved) <= most, kept.saved

@@ -36,8 +36,10 @@ torch.compile (fullgraph) traces every policy with storage "device": nothing ins
 checkpointed region changes Python state; what a region needs (the layers, mode,
 storage) is fixed when the plan is installed, the metadata of the inner outputs of a
 group comes back as the region's output, and the segment's `running` flag is set
-and cleared outside the region. Other storages work through saved_tensors_hooks,
-which torch.compile does not trace; they raise a RuntimeError under it.
+and cleared outside the region. The other storages work through saved_tensors_hooks
+in eager mode, which torch.compile does not trace; under it a recomputed segment keeps
+its input in the stored form inside the graph (ckpt_attn.checkpointing.storage), and
+"cpu" offload of a segment that is not recomputed is refused.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ from torch.utils.checkpoint import (
 from .. import ops  # noqa: F401  (registers torch.ops.ckpt_attn)
 from ..distributed import attention  # noqa: F401  (registers ring_attention_forward)
 from .policies import POLICIES, Segment
-from .storage import saved_tensor_hooks, storage_key
+from .storage import restored, saved_tensor_hooks, storage_key, stored_form
 
 try:  # torch.distributed is optional in a torch build
     from torch.distributed.fsdp import FSDPModule
@@ -223,17 +225,44 @@ class SegmentRun:
             return self._run_layers(x, *args, **kwargs)
         if self.mode != "none":
             _refuse_caches(kwargs)
-        if self.storage == "device":
-            return self._run_recorded(x, *args, **kwargs)
+        tensor = isinstance(x, torch.Tensor)
+        if self.storage == "device" or (self.storage == "cpu" and tensor
+                                        and x.device.type == "cpu"):
+            return self._run_recorded(x, *args, **kwargs)  # (on the CPU: nothing to move)
+        stores_input = self.mode == "full" and tensor and x.is_floating_point() and \
+            x.dim() >= 1
         if torch.compiler.is_compiling():
-            raise RuntimeError(f"storage={self.storage!r} stores through "
-                               f"torch.autograd.graph.saved_tensors_hooks, which torch.compile "
-                               f"does not trace; under torch.compile use storage='device' (or "
-                               f"let the compiler choose what to keep)")
-        hidden = x if self.mode == "full" and isinstance(x, torch.Tensor) else None
-        excluded = self._excluded() if self.storage == "cpu" else frozenset()
-        with saved_tensor_hooks(self.storage, excluded, hidden):
+            return self._run_compiled_storage(x, stores_input, args, kwargs)
+        if self.storage == "cpu":
+            with saved_tensor_hooks("cpu", self._excluded()):
+                return self._run_recorded(x, *args, **kwargs)
+        if not stores_input:  # int8/fp8 store only a recomputed segment's input
             return self._run_recorded(x, *args, **kwargs)
+        stored = stored_form(x, self.storage)
+        x_hat = restored(x, stored)
+        with saved_tensor_hooks(self.storage, frozenset(), (x_hat, stored)):
+            return self._run_recorded(x_hat, *args, **kwargs)
+
+    def _run_compiled_storage(self, x, stores_input: bool, args, kwargs):
+        """Under torch.compile, which does not trace saved_tensors_hooks: a recomputed
+        segment's input kept in its stored form inside the graph (storage.stored_form).
+        What "cpu" offloads of a segment that is not recomputed (every tensor autograd
+        saves) has no such form and is refused."""
+        if self.storage == "cpu" and self.mode != "full":
+            raise RuntimeError(f"storage='cpu' on a segment that is not recomputed (mode "
+                               f"{self.mode!r}) offloads every tensor autograd saves, "
+                               f"through torch.autograd.graph.saved_tensors_hooks, which "
+                               f"torch.compile does not trace; under torch.compile it "
+                               f"applies to recomputed segments only")
+        if not stores_input:
+            return self._run_recorded(x, *args, **kwargs)
+        stored = stored_form(x, self.storage)
+        return checkpoint(self._run_restored, x, stored, *args, use_reentrant=False,
+                          preserve_rng_state=True, **kwargs)
+
+    def _run_restored(self, x, stored, *args, **kwargs):
+        """The checkpointed region of a stored input under torch.compile."""
+        return self._run_layers(restored(x, stored), *args, **kwargs)
 
     def _run_recorded(self, x, *args, **kwargs):
         """The layers, with autograd keeping what the segment's mode says."""

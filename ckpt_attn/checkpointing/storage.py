@@ -9,9 +9,18 @@
   quantized per row (last dim) with an fp32 scale per row. int8: round(x / s),
   s = max|row| / 127, so each element is off by at most max|row| / 254. fp8
   (float8_e4m3fn, 3 mantissa bits): s = max|row| / 448, each element off by at most
-  2^-4 of its own magnitude (plus s * 2^-9 near zero). The recomputation then
-  starts from the dequantized input, so gradients carry that error. A row holding
-  inf or NaN comes back as NaN.
+  2^-4 of its own magnitude (plus s * 2^-9 near zero). The segment runs on the
+  dequantized input, in its forward and in its recomputation alike, so its output
+  carries that error and the gradients are exactly those of the output computed
+  (eager and compiled agree). The gradient reaches the segment's input unchanged. A
+  row holding inf or NaN comes back as NaN.
+
+In eager mode the storages act through torch.autograd.graph.saved_tensors_hooks
+(saved_tensor_hooks). torch.compile does not trace those, so under it a recomputed
+segment stores its input inside the graph instead: stored_form(x) outside the
+checkpointed region (quantized, or copied to the host), restored(x, stored) inside
+it, which hands the gradient to x without keeping x; the compiler's partitioner then
+keeps the stored form in x's place.
 """
 
 from __future__ import annotations
@@ -29,45 +38,85 @@ def storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
 
-def saved_tensor_hooks(storage: str, excluded: set[int], hidden: torch.Tensor | None):
-    """Context in which autograd saves tensors as `storage` says.
+def saved_tensor_hooks(storage: str, excluded: set[int],
+                       stored_input: tuple[torch.Tensor, tuple] | None = None):
+    """Context in which autograd saves tensors as `storage` says (eager mode).
 
-    excluded: storage keys never touched (parameters, buffers). hidden: the segment's
-    input, the one tensor int8/fp8 quantize.
+    excluded: storage keys never touched (parameters, buffers). stored_input: for
+    int8/fp8, (x_hat, stored): the input a recomputed segment runs on (restored()) and
+    its stored form (stored_form()), which autograd keeps in x_hat's place.
     """
     if storage == "device":
         return contextlib.nullcontext()
     if storage == "cpu":
         return torch.autograd.graph.saved_tensors_hooks(
             lambda t: t if storage_key(t) in excluded else _offload(t), _reload)
-    # Only the key and shape: autograd keeps the pack hook alive as long as what it
-    # packed, so holding `hidden` here would keep the tensor it replaces.
-    hidden_key = None if hidden is None else storage_key(hidden)
-    hidden_shape = None if hidden is None else hidden.shape
+    # Only x_hat's key and shape: autograd keeps the pack hook alive as long as what it
+    # packed, so holding x_hat here would keep the tensor it replaces.
+    x_hat, stored = stored_input if stored_input is not None else (None, None)
+    key = None if x_hat is None else storage_key(x_hat)
+    shape = None if x_hat is None else x_hat.shape
 
     def pack(t):
-        if (t.is_floating_point() and t.dim() >= 1 and storage_key(t) == hidden_key
-                and t.shape == hidden_shape):
-            return quantize(t, storage)
+        if storage_key(t) == key and t.shape == shape:
+            return t.dtype, stored
         return t
 
-    return torch.autograd.graph.saved_tensors_hooks(pack, _dequantize)
+    def unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        dtype, kept = packed
+        return _from_stored(kept, dtype, kept[0].device)
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
-def quantize(x: torch.Tensor, storage: str) -> tuple:
-    """(codes, per-row fp32 scales, dtype) for "int8" or "fp8"."""
+def quantize(x: torch.Tensor, storage: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, per-row fp32 scales) for "int8" or "fp8"."""
     code_dtype, top = _QUANTIZED[storage]
     scale = x.detach().abs().amax(-1, keepdim=True).float().clamp(min=1e-30) / top
     codes = x.detach().float() / scale
     codes = codes.round().to(code_dtype) if storage == "int8" else codes.to(code_dtype)
-    return codes, scale, x.dtype
+    return codes, scale
 
 
-def _dequantize(packed):
-    if isinstance(packed, torch.Tensor):
-        return packed
-    codes, scale, dtype = packed
+def stored_form(x: torch.Tensor, storage: str) -> tuple[torch.Tensor, ...]:
+    """What a recomputed segment keeps of its input x: int8/fp8 codes and per-row
+    scales, or a host copy ("cpu")."""
+    if storage == "cpu":
+        return (x.detach().to("cpu"),)
+    return quantize(x, storage)
+
+
+def restored(x: torch.Tensor, stored: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """x's values as stored_form kept them (x's dtype, on x's device), with x's
+    gradient: the gradient of the result goes to x unchanged. x itself is not saved."""
+    return _Restore.apply(x, *stored)
+
+
+def _from_stored(stored: tuple[torch.Tensor, ...], dtype: torch.dtype,
+                 device: torch.device) -> torch.Tensor:
+    if len(stored) == 1:  # a host copy
+        return stored[0].to(device, non_blocking=True)
+    codes, scale = stored
     return (codes.float() * scale).to(dtype)
+
+
+class _Restore(torch.autograd.Function):
+    """restored(): the forward reads only the stored form, the backward passes the
+    gradient through to x."""
+
+    @staticmethod
+    def forward(x, *stored):
+        return _from_stored(stored, x.dtype, x.device)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.num_stored = len(inputs) - 1
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, *([None] * ctx.num_stored)
 
 
 def _offload(t: torch.Tensor):
