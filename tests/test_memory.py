@@ -385,3 +385,50 @@ def test_budget_plans_layers_that_refuse_deepcopy():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     run = measure(model, x)
     assert run.peak_bytes <= 0.7 * none_peak and run.recompute_flops > 0
+
+
+class SdpaLayer(torch.nn.Module):
+    """A residual attention layer on torch's scaled_dot_product_attention, its input
+    scaled by a tensor the model makes once and passes to every layer (as Hugging Face
+    passes rotary position embeddings)."""
+
+    def __init__(self, hidden: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(hidden, 3 * hidden)
+
+    def forward(self, x, position_scale):
+        batch, seq, hidden = x.shape
+        q, k, v = (self.qkv(x * position_scale)  # (B, S, 3 * hidden)
+                   .view(batch, seq, 3, self.heads, -1).permute(2, 0, 3, 1, 4))
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return x + o.transpose(1, 2).reshape(batch, seq, hidden)  # (B, S, hidden)
+
+
+class SdpaStack(torch.nn.Module):
+    def __init__(self, num_layers: int = 3):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(SdpaLayer() for _ in range(num_layers))
+
+    def forward(self, x, position_scale):
+        for layer in self.layers:
+            x = layer(x, position_scale)
+        return x
+
+
+def test_layer_costs_of_sdpa_layers_match_what_they_keep():
+    """The planner's per-layer kept bytes equal what each layer keeps when it runs: on
+    the CPU, scaled_dot_product_attention runs a fused kernel that keeps no S x S
+    probabilities (the meta device's math path would), and an argument every layer
+    shares is not one layer's cost."""
+    torch.manual_seed(0)
+    model = SdpaStack()
+    x, position_scale = torch.randn(2, 64, 32), torch.randn(2, 64, 32)
+    run = measure(model, x, position_scale)
+    costs = layer_costs(model.layers, x, position_scale)
+    # measure gives a layer's input to the layer (or caller) that made it; a LayerCost
+    # counts what the layer keeps of its input too (here all of it, for x * scale)
+    assert [c.kept_none_bytes for c in costs] == [m.kept_bytes + c.input_bytes
+                                                  for c, m in zip(costs, run.layers, strict=True)]
+    probabilities = 2 * 4 * 64 * 64 * 4  # (B, H, S, S) fp32
+    assert costs[0].kept_none_bytes < probabilities

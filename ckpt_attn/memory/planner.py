@@ -18,13 +18,17 @@ Pareto front of (kept bytes, recompute FLOPs) of the feasible plans of the prefi
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import itertools
 import math
 import operator
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
+from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_map
 
 try:  # torch.distributed is optional in a torch build
@@ -303,37 +307,55 @@ def _plan_segments(fronts: list[_Front], index: int) -> list[Segment]:
 
 
 def layer_costs(layers, x: torch.Tensor, *args, **kwargs) -> list[LayerCost]:
-    """Each layer's LayerCost, measured on meta copies (nothing is allocated), the first
-    on an input like x and each next one on the previous one's output (the other
+    """Each layer's LayerCost, measured on shape-only copies (nothing is allocated), the
+    first on an input like x and each next one on the previous one's output (the other
     arguments are passed to every layer). Layers with the same class, parameter shapes
-    and input are measured once."""
+    and input are measured once.
+
+    The copies are fake tensors on x's device (meta tensors if x is on meta), so that
+    an op that picks its kernel by device picks as it will there: on the meta device,
+    scaled_dot_product_attention falls back to its math path, which keeps the S x S
+    probabilities that the fused kernel of a CPU or a GPU never makes."""
     cache, costs = {}, []
-    margs, mkwargs = tree_map(lambda t: _meta(t) if isinstance(t, torch.Tensor) else t,
-                              (args, kwargs))
-    hidden = _meta(x)
-    for layer in layers:
-        copy = _meta_copy(layer)
-        signature = (type(layer), tuple(hidden.shape), hidden.dtype,
-                     tuple((n, tuple(p.shape), p.dtype) for n, p in layer.named_parameters()))
-        if signature not in cache:
-            cache[signature] = _measure_layer(copy, hidden, margs, mkwargs)
-        costs.append(cache[signature])
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            out = copy(hidden, *margs, **mkwargs)
-        hidden = out if isinstance(out, torch.Tensor) else hidden
+    with _shape_only(x.device):
+        margs, mkwargs = tree_map(lambda t: _shape_like(t) if isinstance(t, torch.Tensor)
+                                  else t, (args, kwargs))
+        hidden = _shape_like(x)
+        for layer in layers:
+            copy = _shape_only_copy(layer)
+            signature = (type(layer), tuple(hidden.shape), hidden.dtype,
+                         tuple((n, tuple(p.shape), p.dtype) for n, p in layer.named_parameters()))
+            if signature not in cache:
+                cache[signature] = _measure_layer(copy, hidden, margs, mkwargs)
+            costs.append(cache[signature])
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                out = copy(hidden, *margs, **mkwargs)
+            hidden = out if isinstance(out, torch.Tensor) else hidden
     return costs
 
 
 def tail_cost(module: torch.nn.Module, x: torch.Tensor) -> tuple[int, int]:
     """(kept bytes, transient bytes) of a module that follows the layers (a final norm),
-    for an input like x, measured on the meta device."""
-    with torch.random.fork_rng(devices=[]):
-        run = measure(_meta_copy(module), _meta(x).requires_grad_(True))
+    for an input like x, measured on shape-only copies (as layer_costs)."""
+    with _shape_only(x.device), torch.random.fork_rng(devices=[]):
+        run = measure(_shape_only_copy(module), _shape_like(x).requires_grad_(True))
     return run.kept_bytes, run.peak_bytes - run.kept_bytes
 
 
-def _meta_copy(layer: torch.nn.Module) -> torch.nn.Module:
-    """A copy of layer whose parameters and buffers are on the meta device, with their
+@contextlib.contextmanager
+def _shape_only(device: torch.device) -> Iterator[None]:
+    """Where _shape_like makes its tensors: a FakeTensorMode for a real device (other
+    tensors a layer holds, outside its parameters and buffers, are converted on use);
+    nothing to enter for the meta device or inside a FakeTensorMode already."""
+    if device.type == "meta" or detect_fake_mode() is not None:
+        yield
+        return
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        yield
+
+
+def _shape_only_copy(layer: torch.nn.Module) -> torch.nn.Module:
+    """A copy of layer whose parameters and buffers are shape-only (_shape_like), with their
     full shapes (an FSDP2-sharded parameter's global shape), without hooks, FSDP2's
     class or any forward a policy installed. Modules are copied one by one (not with deepcopy,
     which FSDP2 modules refuse); other attributes are shared with the original, and a
@@ -353,8 +375,8 @@ def _meta_copy(layer: torch.nn.Module) -> torch.nn.Module:
                     or name.endswith("_hooks_always_called"):
                 state[name] = type(value)()  # no hooks (FSDP2's included)
         state["_parameters"] = {name: None if p is None else torch.nn.Parameter(
-            _meta(p), p.requires_grad) for name, p in module._parameters.items()}
-        state["_buffers"] = {name: None if b is None else _meta(b)
+            _shape_like(p), p.requires_grad) for name, p in module._parameters.items()}
+        state["_buffers"] = {name: None if b is None else _shape_like(b)
                              for name, b in module._buffers.items()}
         state["_modules"] = {name: None if m is None else copy(m)
                              for name, m in module._modules.items()}
@@ -369,23 +391,39 @@ def _unsharded_class(module: torch.nn.Module) -> type:
     return next(cls for cls in type(module).__mro__ if not issubclass(cls, FSDPModule))
 
 
-def _meta(t: torch.Tensor) -> torch.Tensor:
-    """An empty meta tensor like t: its strides as empty_like keeps them; for a
-    distributed tensor (an FSDP2-sharded parameter), its global shape."""
+def _shape_like(t: torch.Tensor) -> torch.Tensor:
+    """An empty tensor like t (its strides as empty_like keeps them; for a distributed
+    tensor, an FSDP2-sharded parameter, its global shape): a fake tensor on t's device
+    inside _shape_only's FakeTensorMode, else a meta tensor."""
     data = t.data if isinstance(t, torch.nn.Parameter) else t
+    device = data.device if detect_fake_mode() is not None else "meta"
     if isinstance(data, DTensor):
-        return torch.empty(data.shape, dtype=data.dtype, device="meta")
-    return torch.empty_like(data, device="meta")
+        return torch.empty(data.shape, dtype=data.dtype, device=device)
+    return torch.empty_like(data, device=device)
+
+
+class _Bound(torch.nn.Module):
+    """layer(x, *args, **kwargs) as a module of x alone. measure() counts what it makes
+    of its inputs (it clones them) as the model's; the other arguments (a mask, Hugging
+    Face's rotary position embeddings) are made once outside the layers and shared by
+    all of them, so they are not one layer's cost."""
+
+    def __init__(self, layer: torch.nn.Module, args: tuple, kwargs: dict):
+        super().__init__()
+        self.layer, self.args, self.kwargs = layer, args, kwargs
+
+    def forward(self, x: torch.Tensor):
+        return self.layer(x, *self.args, **self.kwargs)
 
 
 def _measure_layer(copy, x, args, kwargs) -> LayerCost:
-    """Measure a meta copy under each mode, on meta x (args, kwargs on meta too)."""
+    """Measure a shape-only copy under each mode, on a shape-only x (args, kwargs too)."""
     chain = torch.nn.ModuleList([copy])
     runs = {}
     with torch.random.fork_rng(devices=[]):  # dropout seeds: leave the caller's stream
         for mode in ("none", "full", "selective"):
             install(chain, [Segment(0, 1, mode)], "device")
-            runs[mode] = measure(copy, x.requires_grad_(True), *args, **kwargs)
+            runs[mode] = measure(_Bound(copy, args, kwargs), x.requires_grad_(True))
     input_bytes = x.numel() * x.element_size()
     none, full, selective = runs["none"], runs["full"], runs["selective"]
     return LayerCost(
