@@ -19,6 +19,8 @@ instead; packed sequences reach it one by one. The backward is always the chunke
 
 from __future__ import annotations
 
+import math
+
 import torch
 from einops import rearrange
 
@@ -64,7 +66,8 @@ def _log2_domain(x: torch.Tensor) -> torch.Tensor:
 
 def _scores(q_g: torch.Tensor, k: torch.Tensor, start: int, stop: int, keys: slice,
             group: int, causal: bool, scale: float, mask: torch.Tensor | None,
-            window: tuple[int, int], log2: bool = True) -> torch.Tensor:
+            window: tuple[int, int], log2: bool = True, out: torch.Tensor | None = None
+            ) -> torch.Tensor:
     """Masked, scaled scores of one query chunk, (B, H_kv, G * rows, len(keys)), in the
     log2 domain as the kernels compute them (scale * log2(e) folded into one multiply, the
     mask times log2(e)), so that softmax is exp2 and the row statistics are the kernels';
@@ -72,10 +75,10 @@ def _scores(q_g: torch.Tensor, k: torch.Tensor, start: int, stop: int, keys: sli
 
     q_g: (B, H_kv, G * rows, D) compute dtype; k: (B, H_kv, S_k, D); mask: the
     (B, H_q, S_q, S_k) view of a boolean (True = may attend) or additive mask.
-    Invisible pairs are -inf.
+    Invisible pairs are -inf. out: a contiguous tile of the result's shape to write into.
     """
-    scores = torch.matmul(q_g, k[:, :, keys].transpose(-1, -2)) * (scale * LOG2E if log2
-                                                                   else scale)
+    scores = torch.matmul(q_g, k[:, :, keys].transpose(-1, -2), out=out)
+    scores.mul_(scale * LOG2E if log2 else scale)
     if not causal and window == (-1, -1) and mask is None:
         return scores
     query = torch.arange(start, stop, device=q_g.device).repeat(group)[:, None]
@@ -94,8 +97,8 @@ def _scores(q_g: torch.Tensor, k: torch.Tensor, start: int, stop: int, keys: sli
             hidden = hidden | ~mask_g
         else:
             mask_g = mask_g.to(scores.dtype)
-            scores = scores + (_log2_domain(mask_g) if log2 else mask_g)
-    return scores.masked_fill(hidden, float("-inf"))
+            scores += _log2_domain(mask_g) if log2 else mask_g
+    return scores.masked_fill_(hidden, float("-inf"))
 
 
 def _dropout_keep(seed: int, dropout_p: float, shape: tuple[int, ...], start: int, stop: int,
@@ -127,11 +130,16 @@ def _recomputed_probabilities(scores: torch.Tensor, stats: torch.Tensor) -> torc
     return torch.exp2(((scores - row_max) - log2_sum).clamp(max=0.0))
 
 
-def _natural_softmax(scores: torch.Tensor) -> torch.Tensor:
-    """Backward on natural-unit scores: P = softmax(S) as torch.softmax computes it, 0 for
-    rows with no visible key (not NaN); NaN propagates."""
-    empty = torch.isneginf(scores).all(dim=-1, keepdim=True)
-    return torch.softmax(scores, dim=-1).masked_fill(empty, 0.0)
+def _natural_softmax(scores: torch.Tensor, may_hide_rows: bool, out: torch.Tensor
+                     ) -> torch.Tensor:
+    """Backward on natural-unit scores: P = softmax(S) as torch.softmax computes it,
+    written into out, 0 for rows with no visible key (not NaN); NaN propagates.
+    may_hide_rows: whether a mask or window may leave a row no key (causal alone never
+    does: row i sees key 0)."""
+    p = torch.softmax(scores, dim=-1, out=out)
+    if may_hide_rows:
+        p.masked_fill_(torch.isneginf(scores).all(dim=-1, keepdim=True), 0.0)
+    return p
 
 
 def _softmax(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,19 +246,23 @@ def attention_backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Ten
     # - lse) from it cost up to 5.5x naive's dk error; the log2-domain scores, 3.2x
     # naive's dq error where naive's was half an ulp).
     partial_rows = dropout_origin is not None and dropout_origin[3] > k.shape[2]
+    may_hide_rows = mask is not None or window != (-1, -1)
+    tiles = _Tiles(3, q.shape[0] * q.shape[1] * min(CHUNK, q.shape[2]) * k.shape[2], dtype,
+                   q.device)
     for start in range(0, q.shape[2], CHUNK):
         stop = min(start + CHUNK, q.shape[2])
         q_g = _grouped(q[:, :, start:stop].to(dtype), group)
         do_g = _grouped(do[:, :, start:stop].to(dtype), group)
         keys = _visible_keys(k.shape[2], start, stop, causal, window)
+        tile = (*q_g.shape[:3], keys.stop - keys.start)  # (B, H_kv, G * rows, keys)
         scores = _scores(q_g, k_c, start, stop, keys, group, causal, scale, mask, window,
-                         log2=partial_rows)
+                         log2=partial_rows, out=tiles.get(0, tile))
         if partial_rows:
             p = _recomputed_probabilities(scores, _grouped(stats[:, :, start:stop].to(dtype),
                                                            group))
         else:
-            p = _natural_softmax(scores)
-        dp = torch.matmul(do_g, v_c[:, :, keys].transpose(-1, -2))
+            p = _natural_softmax(scores, may_hide_rows, out=tiles.get(1, tile))
+        dp = torch.matmul(do_g, v_c[:, :, keys].transpose(-1, -2), out=tiles.get(2, tile))
         z = p
         if dropout_p > 0:
             keep = _dropout_keep(seed, dropout_p, shape, start, stop, keys, group, q.device,
@@ -265,28 +277,43 @@ def attention_backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Ten
             if dlse is not None:
                 row = row - dlse[:, :, start:stop].to(dtype)
             delta = _grouped(row[..., None], group)
-        else:
-            delta = _row_delta(p, dp, dlse, start, stop, group)
-        ds = p * (dp - delta)
+        else:  # (the scores are spent: their tile holds P * dP)
+            delta = _row_delta(p, dp, dlse, start, stop, group, out=tiles.get(0, tile))
+        ds = dp.sub_(delta).mul_(p)  # P (dP - delta), in dP's place
         if dmask is not None:
             _accumulate_mask_grad(dmask, _ungrouped(ds, group), start, stop, keys)
         # S = scale * q k^T + mask: the scale goes on dS before the products, as autograd
         # applies it to naive attention (after them, the float32 sums' rounding landed
         # in other binades and cost up to 3.1x naive's dk error)
-        ds = ds * scale
+        ds.mul_(scale)
         dq[:, :, start:stop] = _ungrouped(torch.matmul(ds, k_c[:, :, keys]), group).to(q.dtype)
         dk[:, :, keys] += _summed_over_group(ds, q_g, group)
     return dq, dk.to(k.dtype), dv.to(v.dtype), dmask
 
 
+class _Tiles:
+    """Flat buffers that one backward call reuses for its chunks' (B, H_kv, G * rows, keys)
+    tiles. A fresh tile per chunk is a new allocation of megabytes, which the CPU's
+    allocator maps from and returns to the system each time; those page faults cost more
+    than the arithmetic on the tile (S=1024, 8 heads: 200 ms of a 320 ms backward)."""
+
+    def __init__(self, count: int, numel: int, dtype: torch.dtype, device: torch.device):
+        self.flat = [torch.empty(numel, dtype=dtype, device=device) for _ in range(count)]
+
+    def get(self, index: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """Buffer `index` as a contiguous tensor of `shape` (what it held is left as is)."""
+        return self.flat[index][:math.prod(shape)].view(shape)
+
+
 def _row_delta(p: torch.Tensor, dp: torch.Tensor, dlse: torch.Tensor | None, start: int,
-               stop: int, group: int) -> torch.Tensor:
+               stop: int, group: int, out: torch.Tensor) -> torch.Tensor:
     """delta = rowsum(P * dP) - dlse of one chunk, (B, H_kv, G * rows, 1), in dS = P (dP -
     delta). A chunk holds whole rows, so delta is summed from them as softmax's backward
     (and naive attention) sums it, not taken as rowsum(dO * O) as the kernels must: the
     rounding of the stored O does not cancel against dP, which left a row that sees one
-    key (exact dS = 0) with 6x naive's dq error under dropout 0.6."""
-    delta = (p * dp).sum(dim=-1, keepdim=True)
+    key (exact dS = 0) with 6x naive's dq error under dropout 0.6. out: a tile for
+    P * dP."""
+    delta = torch.mul(p, dp, out=out).sum(dim=-1, keepdim=True)
     if dlse is None:
         return delta
     return delta - _grouped(dlse[:, :, start:stop, None].to(delta.dtype), group)
