@@ -61,3 +61,32 @@ def test_cpu_offload_moves_kept_bytes_to_host():
     predicted = estimate(model.cfg, batch=BATCH, seq=SEQ, policy="none", storage="cpu")
     assert run.kept_bytes == predicted.kept_bytes  # only the final norm stays on the GPU
     assert run.offloaded_bytes == predicted.offloaded_bytes
+
+
+@pytest.mark.parametrize("storage, stored_dtype, stored_device",
+                         [("cpu", torch.float32, "cpu"), ("int8", torch.int8, "cuda")])
+def test_compiled_storage_keeps_the_stored_form(storage, stored_dtype, stored_device):
+    """full with cpu/int8 storage under torch.compile (fp32, inductor, the Triton
+    kernels): eager's gradients, and what the compiled forward saves holds each
+    recomputed layer's input as a host copy or int8 codes."""
+    torch.manual_seed(0)
+    model = ckpt_attn.Transformer(ckpt_attn.TransformerConfig(**(CFG | {"dropout": 0.0})))
+    model = model.cuda()
+    x = torch.randn(BATCH, SEQ, 256, device="cuda", requires_grad=True)
+    ckpt_attn.apply_checkpointing(model, "full", storage=storage)
+    eager = step(model, x)
+    compiled = torch.compile(model, fullgraph=True)
+    for got, want in zip(step(compiled, x), eager, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
+    saved = []
+
+    def pack(t):
+        saved.append((t.device.type, t.dtype, tuple(t.shape)))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        compiled(x)
+    hidden = (BATCH, SEQ, 256)
+    assert (stored_device, stored_dtype, hidden) in saved, saved
+    # at most the final norm's input, which no policy recomputes
+    assert saved.count(("cuda", torch.float32, hidden)) <= 1, saved
