@@ -531,8 +531,7 @@ def run_recorded(monkeypatch, mode, fn):
         return fn()
 
 
-MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default,
-           torch.ops.aten.matmul.default}
+MATMULS = {torch.ops.aten.mm, torch.ops.aten.bmm, torch.ops.aten.matmul}  # any overload (out=)
 
 
 class MatmulFlops(TorchDispatchMode):
@@ -544,7 +543,7 @@ class MatmulFlops(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func in MATMULS:
+        if func.overloadpacket in MATMULS:
             self.flops += 2 * out.numel() * args[0].shape[-1]
         return out
 

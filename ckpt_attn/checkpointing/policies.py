@@ -159,7 +159,7 @@ POLICIES: dict[str, Policy] = {policy.name: policy for policy in (
            compare={"ratio": 0.5}),
     Policy("budget", "the plan with the least recompute whose predicted peak activation "
                      "memory fits budget_bytes, planned on the first forward of each input "
-                     "shape from the layers' costs measured on the meta device",
+                     "shape from the layers' costs measured on shape-only (fake) copies",
            None, options=(Option("budget_bytes", "a positive number of bytes",
                                  lambda value: _is_number(value) and 0 < value < math.inf),),
            groups=True, compare=None),

@@ -292,7 +292,7 @@ def plan_chain(layers, x: torch.Tensor, args: tuple = (), kwargs: dict | None = 
     """The plan with least recompute FLOPs whose predicted peak fits budget_bytes for a
     model's chain of layers, called on an input like x (args and kwargs passed to every
     layer) and followed by tail (a final norm, say) if given; the layers' costs are
-    measured on meta copies (layer_costs, tail_cost). The "budget" policy plans with it
+    measured on shape-only copies (layer_costs, tail_cost). The "budget" policy plans with it
     (ckpt_attn.checkpointing.use_planner)."""
     costs = layer_costs(layers, x, *args, **(kwargs or {}))
     base, base_transient = tail_cost(tail, x) if tail is not None else (0, 0)

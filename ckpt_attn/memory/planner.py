@@ -312,54 +312,60 @@ def layer_costs(layers, x: torch.Tensor, *args, **kwargs) -> list[LayerCost]:
     arguments are passed to every layer). Layers with the same class, parameter shapes
     and input are measured once.
 
-    The copies are fake tensors on x's device (meta tensors if x is on meta), so that
-    an op that picks its kernel by device picks as it will there: on the meta device,
-    scaled_dot_product_attention falls back to its math path, which keeps the S x S
-    probabilities that the fused kernel of a CPU or a GPU never makes."""
+    A layer is measured on fake tensors of x's device (meta tensors if x is on meta), so
+    that an op that picks its kernel by device picks as it will there: on the meta
+    device, scaled_dot_product_attention falls back to its math path, which keeps the
+    S x S probabilities that the fused kernel of a CPU or a GPU never makes. The inputs
+    of the next layers are found on the meta device (the same shapes, faster)."""
     cache, costs = {}, []
-    with _shape_only(x.device):
-        margs, mkwargs = tree_map(lambda t: _shape_like(t) if isinstance(t, torch.Tensor)
-                                  else t, (args, kwargs))
-        hidden = _shape_like(x)
-        for layer in layers:
-            copy = _shape_only_copy(layer)
-            signature = (type(layer), tuple(hidden.shape), hidden.dtype,
-                         tuple((n, tuple(p.shape), p.dtype) for n, p in layer.named_parameters()))
-            if signature not in cache:
-                cache[signature] = _measure_layer(copy, hidden, margs, mkwargs)
-            costs.append(cache[signature])
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                out = copy(hidden, *margs, **mkwargs)
-            hidden = out if isinstance(out, torch.Tensor) else hidden
+    meta_args, meta_kwargs = _all_shape_like((args, kwargs), "meta")
+    hidden = _shape_like(x, "meta")
+    for layer in layers:
+        signature = (type(layer), tuple(hidden.shape), hidden.dtype,
+                     tuple((n, tuple(p.shape), p.dtype) for n, p in layer.named_parameters()))
+        if signature not in cache:
+            with _shape_only(x.device) as device:
+                cache[signature] = _measure_layer(
+                    _shape_only_copy(layer, device), _shape_like(hidden, device),
+                    *_all_shape_like((args, kwargs), device))
+        costs.append(cache[signature])
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            out = _shape_only_copy(layer, "meta")(hidden, *meta_args, **meta_kwargs)
+        hidden = out if isinstance(out, torch.Tensor) else hidden
     return costs
 
 
 def tail_cost(module: torch.nn.Module, x: torch.Tensor) -> tuple[int, int]:
     """(kept bytes, transient bytes) of a module that follows the layers (a final norm),
-    for an input like x, measured on shape-only copies (as layer_costs)."""
-    with _shape_only(x.device), torch.random.fork_rng(devices=[]):
-        run = measure(_shape_only_copy(module), _shape_like(x).requires_grad_(True))
+    for an input like x, measured on shape-only copies (as layer_costs measures)."""
+    with _shape_only(x.device) as device, torch.random.fork_rng(devices=[]):
+        run = measure(_shape_only_copy(module, device),
+                      _shape_like(x, device).requires_grad_(True))
     return run.kept_bytes, run.peak_bytes - run.kept_bytes
 
 
 @contextlib.contextmanager
-def _shape_only(device: torch.device) -> Iterator[None]:
-    """Where _shape_like makes its tensors: a FakeTensorMode for a real device (other
-    tensors a layer holds, outside its parameters and buffers, are converted on use);
-    nothing to enter for the meta device or inside a FakeTensorMode already."""
-    if device.type == "meta" or detect_fake_mode() is not None:
-        yield
-        return
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        yield
+def _shape_only(device: torch.device) -> Iterator[torch.device | str]:
+    """The device to make shape-only tensors on for a measurement on `device`: that
+    device, inside a FakeTensorMode (other tensors a layer holds, outside its parameters
+    and buffers, are converted on use; an active one is reused), or "meta" for the meta
+    device."""
+    if device.type == "meta":
+        yield "meta"
+    elif detect_fake_mode() is not None:
+        yield device
+    else:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            yield device
 
 
-def _shape_only_copy(layer: torch.nn.Module) -> torch.nn.Module:
-    """A copy of layer whose parameters and buffers are shape-only (_shape_like), with their
-    full shapes (an FSDP2-sharded parameter's global shape), without hooks, FSDP2's
-    class or any forward a policy installed. Modules are copied one by one (not with deepcopy,
-    which FSDP2 modules refuse); other attributes are shared with the original, and a
-    module that appears twice inside layer is copied once."""
+def _shape_only_copy(layer: torch.nn.Module, device) -> torch.nn.Module:
+    """A copy of layer whose parameters and buffers are shape-only tensors on device
+    (_shape_like) with their full shapes (an FSDP2-sharded parameter's global shape),
+    without hooks, FSDP2's class or any forward a policy installed. Modules are copied
+    one by one (not with deepcopy, which FSDP2 modules refuse); other attributes are
+    shared with the original, and a module that appears twice inside layer is copied
+    once."""
     copies = {}
 
     def copy(module: torch.nn.Module) -> torch.nn.Module:
@@ -375,8 +381,8 @@ def _shape_only_copy(layer: torch.nn.Module) -> torch.nn.Module:
                     or name.endswith("_hooks_always_called"):
                 state[name] = type(value)()  # no hooks (FSDP2's included)
         state["_parameters"] = {name: None if p is None else torch.nn.Parameter(
-            _shape_like(p), p.requires_grad) for name, p in module._parameters.items()}
-        state["_buffers"] = {name: None if b is None else _shape_like(b)
+            _shape_like(p, device), p.requires_grad) for name, p in module._parameters.items()}
+        state["_buffers"] = {name: None if b is None else _shape_like(b, device)
                              for name, b in module._buffers.items()}
         state["_modules"] = {name: None if m is None else copy(m)
                              for name, m in module._modules.items()}
@@ -391,15 +397,20 @@ def _unsharded_class(module: torch.nn.Module) -> type:
     return next(cls for cls in type(module).__mro__ if not issubclass(cls, FSDPModule))
 
 
-def _shape_like(t: torch.Tensor) -> torch.Tensor:
-    """An empty tensor like t (its strides as empty_like keeps them; for a distributed
-    tensor, an FSDP2-sharded parameter, its global shape): a fake tensor on t's device
-    inside _shape_only's FakeTensorMode, else a meta tensor."""
+def _shape_like(t: torch.Tensor, device) -> torch.Tensor:
+    """An empty tensor like t on device (meta, or a real device inside _shape_only's
+    FakeTensorMode: a fake tensor): its strides as empty_like keeps them; for a
+    distributed tensor (an FSDP2-sharded parameter), its global shape."""
     data = t.data if isinstance(t, torch.nn.Parameter) else t
-    device = data.device if detect_fake_mode() is not None else "meta"
     if isinstance(data, DTensor):
         return torch.empty(data.shape, dtype=data.dtype, device=device)
     return torch.empty_like(data, device=device)
+
+
+def _all_shape_like(tree, device):
+    """tree with every tensor in it replaced by _shape_like(tensor, device)."""
+    return tree_map(lambda t: _shape_like(t, device) if isinstance(t, torch.Tensor) else t,
+                    tree)
 
 
 class _Bound(torch.nn.Module):
