@@ -139,14 +139,17 @@ class SavedTensors:
         return t
 
 
-@pytest.mark.parametrize("storage, code_dtype",
-                         [("int8", torch.int8), ("fp8", torch.float8_e4m3fn)])
-def test_quantized_storage_compiles_in_one_graph_and_keeps_codes(storage, code_dtype):
-    """full with int8/fp8 under inductor: one graph, loss and gradients equal to eager
-    (which stores through saved_tensors_hooks), and the compiled forward keeps layer
-    inputs only as codes and per-row scales: no floating tensor of the hidden shape."""
+@pytest.mark.parametrize("policy, options, storage, code_dtype", [
+    ("full", {}, "int8", torch.int8), ("full", {}, "fp8", torch.float8_e4m3fn),
+    ("uniform", {"every": 2}, "int8", torch.int8)], ids=["full-int8", "full-fp8", "group-int8"])
+def test_quantized_storage_compiles_in_one_graph_and_keeps_codes(policy, options, storage,
+                                                                  code_dtype):
+    """int8/fp8 under inductor, of one layer and of a group: one graph, loss and gradients
+    equal to eager (which stores through saved_tensors_hooks), and the compiled forward
+    keeps segment inputs only as codes and per-row scales: no floating tensor of the
+    hidden shape."""
     x = inputs()
-    model = apply_checkpointing(make_model(), "full", storage=storage)
+    model = apply_checkpointing(make_model(), policy, storage=storage, **options)
     eager = step(model, x)
     torch._dynamo.reset()
     counters.clear()
