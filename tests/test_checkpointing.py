@@ -13,6 +13,7 @@ import pytest
 import torch
 from saved_bytes import saved_bytes
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -460,6 +461,33 @@ def test_hugging_face_layers_take_every_policy(llama, target, policy, options):
         assert_same_step(hf_step(model, kwargs), reference, atol=1e-6)
         if policy == "budget":
             assert measure(model, **kwargs).peak_bytes <= options["budget_bytes"]
+    finally:
+        apply_checkpointing(model, "none")
+
+
+class OpCalls(TorchDispatchMode):
+    """Counts the calls of one op."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op, self.calls = op, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func == self.op
+        return func(*args, **(kwargs or {}))
+
+
+def test_hugging_face_selective_keeps_the_attention_kernel_output(llama):
+    """selective keeps what torch's fused attention kernel returns (as it keeps our
+    op's): the backward reruns no attention forward."""
+    model, kwargs, reference = llama
+    kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    try:
+        apply_checkpointing(model, "selective")
+        with OpCalls(kernel) as calls:
+            got = hf_step(model, kwargs)
+        assert calls.calls == len(model.model.layers)  # the forward's, none recomputed
+        assert_same_step(got, reference, atol=1e-6)
     finally:
         apply_checkpointing(model, "none")
 

@@ -68,7 +68,10 @@ try:  # torch.distributed is optional in a torch build
 except ImportError:  # pragma: no cover
     FSDPModule = DistributedDataParallel = ()
 
-# Selective checkpointing keeps these ops' outputs and recomputes everything else.
+# Selective checkpointing keeps these ops' outputs and recomputes everything else: the
+# matmuls, our attention ops, and the fused kernels torch's scaled_dot_product_attention
+# dispatches to (what Hugging Face layers run), whose (O, logsumexp) costs S x hidden to
+# keep and a whole attention forward to recompute.
 SAVED_OPS = frozenset({
     torch.ops.aten.mm.default,
     torch.ops.aten.addmm.default,
@@ -76,6 +79,11 @@ SAVED_OPS = frozenset({
     torch.ops.aten.baddbmm.default,
     torch.ops.ckpt_attn.attention_forward.default,
     torch.ops.ckpt_attn.ring_attention_forward.default,  # context parallelism
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_fused_attention_overrideable.default,
 })
 
 

@@ -143,7 +143,8 @@ POLICIES: dict[str, Policy] = {policy.name: policy for policy in (
                    "every)",
            lambda num_layers, options: _groups(num_layers, math.ceil(math.sqrt(num_layers))),
            groups=True),
-    Policy("selective", "per layer, the outputs of matmuls and of the attention op (o, lse) "
+    Policy("selective", "per layer, the outputs of matmuls and of the attention op (o, lse; "
+                        "ours or the fused kernel of torch's scaled_dot_product_attention) "
                         "through torch's selective checkpoint contexts; the pointwise ops "
                         "(norms, rotary, activations, dropout) are recomputed, no matmul is",
            _per_layer("selective"), storages=("device",),
