@@ -20,6 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo
+from saved_bytes import saved_tensors
 from torch import nn
 from torch._dynamo.utils import counters
 
@@ -115,30 +116,6 @@ def test_budget_without_an_eager_plan_asks_for_one():
         torch.compile(model, backend="eager", fullgraph=True)(inputs())
 
 
-class SavedTensors:
-    """What autograd saves while active, parameters and buffers of `model` excepted: a
-    (dtype, shape, bytes) per tensor. A compiled forward saves through
-    ctx.save_for_backward, so these hooks see what the compiled graph keeps."""
-
-    def __init__(self, model: nn.Module):
-        self.state = {t.untyped_storage()._cdata
-                      for t in (*model.parameters(), *model.buffers())}
-        self.saved = []
-
-    def __enter__(self):
-        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
-        self.hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.hooks.__exit__(*exc)
-
-    def pack(self, t):
-        if t.untyped_storage()._cdata not in self.state:
-            self.saved.append((t.dtype, tuple(t.shape), t.untyped_storage().nbytes()))
-        return t
-
-
 @pytest.mark.parametrize("policy, options, storage, code_dtype", [
     ("full", {}, "int8", torch.int8), ("full", {}, "fp8", torch.float8_e4m3fn),
     ("uniform", {"every": 2}, "int8", torch.int8)], ids=["full-int8", "full-fp8", "group-int8"])
@@ -162,12 +139,11 @@ def test_quantized_storage_compiles_in_one_graph_and_keeps_codes(policy, options
     for got_grad, want_grad in zip(got[1], eager[1], strict=True):
         torch.testing.assert_close(got_grad, want_grad, atol=1e-6, rtol=1e-5)
 
-    with SavedTensors(model) as kept:
-        compiled(x)
+    kept = list(saved_tensors(compiled, x).values())
     hidden, rows = tuple(x.shape), x.shape[0] * x.shape[1]
-    assert (code_dtype, hidden, x.numel()) in kept.saved, kept.saved
-    assert not [s for s in kept.saved if s[0].is_floating_point and s[1] == hidden
-                and s[0] != code_dtype], kept.saved
+    assert ("cpu", code_dtype, hidden, x.numel()) in kept, kept
+    assert not [s for s in kept if s[1].is_floating_point and s[2] == hidden
+                and s[1] != code_dtype], kept
     # at most: per layer its codes and scales; the final norm's row statistics
     most = len(model.layers) * (x.numel() + 4 * rows) + 4 * rows
-    assert sum(nbytes for *_, nbytes in kept.saved) <= most, kept.saved
+    assert sum(nbytes for *_, nbytes in kept) <= most, kept

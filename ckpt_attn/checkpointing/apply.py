@@ -60,7 +60,7 @@ from torch.utils.checkpoint import (
 from .. import ops  # noqa: F401  (registers torch.ops.ckpt_attn)
 from ..distributed import attention  # noqa: F401  (registers ring_attention_forward)
 from .policies import POLICIES, Segment
-from .storage import restored, saved_tensor_hooks, storage_key, stored_form
+from .storage import offload_hooks, restored, storage_key, stored_form, stored_input_hooks
 
 try:  # torch.distributed is optional in a torch build
     from torch.distributed.fsdp import FSDPModule
@@ -242,13 +242,13 @@ class SegmentRun:
         if torch.compiler.is_compiling():
             return self._run_compiled_storage(x, stores_input, args, kwargs)
         if self.storage == "cpu":
-            with saved_tensor_hooks("cpu", self._excluded()):
+            with offload_hooks(self._excluded()):
                 return self._run_recorded(x, *args, **kwargs)
         if not stores_input:  # int8/fp8 store only a recomputed segment's input
             return self._run_recorded(x, *args, **kwargs)
         stored = stored_form(x, self.storage)
         x_hat = restored(x, stored)
-        with saved_tensor_hooks(self.storage, frozenset(), (x_hat, stored)):
+        with stored_input_hooks(x_hat, stored):
             return self._run_recorded(x_hat, *args, **kwargs)
 
     def _run_compiled_storage(self, x, stores_input: bool, args, kwargs):

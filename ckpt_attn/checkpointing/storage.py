@@ -16,7 +16,7 @@
   row holding inf or NaN comes back as NaN.
 
 In eager mode the storages act through torch.autograd.graph.saved_tensors_hooks
-(saved_tensor_hooks). torch.compile does not trace those, so under it a recomputed
+(offload_hooks, stored_input_hooks). torch.compile does not trace those, so under it a recomputed
 segment stores its input inside the graph instead: stored_form(x) outside the
 checkpointed region (quantized, or copied to the host), restored(x, stored) inside
 it, which hands the gradient to x without keeping x; the compiler's partitioner then
@@ -24,8 +24,6 @@ keeps the stored form in x's place.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 
@@ -38,24 +36,19 @@ def storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
 
-def saved_tensor_hooks(storage: str, excluded: set[int],
-                       stored_input: tuple[torch.Tensor, tuple] | None = None):
-    """Context in which autograd saves tensors as `storage` says (eager mode).
+def offload_hooks(excluded: set[int]):
+    """Context in which autograd keeps every tensor it saves in host memory ("cpu", eager
+    mode), but those whose storage key is in excluded (parameters, buffers)."""
+    return torch.autograd.graph.saved_tensors_hooks(
+        lambda t: t if storage_key(t) in excluded else _offload(t), _reload)
 
-    excluded: storage keys never touched (parameters, buffers). stored_input: for
-    int8/fp8, (x_hat, stored): the input a recomputed segment runs on (restored()) and
-    its stored form (stored_form()), which autograd keeps in x_hat's place.
-    """
-    if storage == "device":
-        return contextlib.nullcontext()
-    if storage == "cpu":
-        return torch.autograd.graph.saved_tensors_hooks(
-            lambda t: t if storage_key(t) in excluded else _offload(t), _reload)
+
+def stored_input_hooks(x_hat: torch.Tensor, stored: tuple[torch.Tensor, ...]):
+    """Context in which autograd keeps `stored` (stored_form()) in place of x_hat, the
+    input a recomputed segment runs on (restored()), in eager mode."""
     # Only x_hat's key and shape: autograd keeps the pack hook alive as long as what it
     # packed, so holding x_hat here would keep the tensor it replaces.
-    x_hat, stored = stored_input if stored_input is not None else (None, None)
-    key = None if x_hat is None else storage_key(x_hat)
-    shape = None if x_hat is None else x_hat.shape
+    key, shape = storage_key(x_hat), x_hat.shape
 
     def pack(t):
         if storage_key(t) == key and t.shape == shape:
