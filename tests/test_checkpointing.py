@@ -221,8 +221,9 @@ def test_shared_layers_and_foreign_forwards_are_refused():
         apply_checkpointing(wrapped, "full")
 
 
-@pytest.mark.parametrize("ratio, layers, recomputed", [(0.28, 25, 7), (0.5, 4, 2),
-                                                       (0.01, 4, 1), (1.0, 3, 3)])
+@pytest.mark.parametrize("ratio, layers, recomputed", [
+    (0.28, 25, 7), (0.5, 4, 2), (0.01, 4, 1), (1.0, 3, 3), (1, 3, 3), (0.7, 10, 7),
+    (1e-12, 4, 1), (5e-324, 3, 1), (0.2500000001, 4, 2), (0.999999999999, 4, 4)])
 def test_ratio_counts_layers_exactly(ratio, layers, recomputed):
     plan = POLICIES["ratio"].segments(layers, {"ratio": ratio})
     assert sum(segment.mode == "full" for segment in plan) == recomputed

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from fractions import Fraction
 
 from .storage import STORAGES
 
@@ -126,8 +127,9 @@ def _groups(num_layers: int, every: int) -> list[Segment]:
 
 
 def _ratio(num_layers: int, options: dict) -> list[Segment]:
-    # rounded first: 0.28 * 25 is 7.000000000000001 in floating point
-    recomputed = math.ceil(round(options["ratio"] * num_layers, 9))
+    # ratio as the decimal it was written as (0.28 is 7/25, so 0.28 * 25 is 7, not the
+    # float product 7.000000000000001), exactly: a tiny ratio still recomputes one layer
+    recomputed = math.ceil(Fraction(repr(options["ratio"])) * num_layers)
     return [Segment(i, i + 1, "full" if i < recomputed else "none") for i in range(num_layers)]
 
 
