@@ -10,12 +10,18 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# No folder of the checkout may shadow an installed package (kernels/ would hide Hugging
+# Face's `kernels`, which transformers imports): with PYTHONSAFEPATH (Python 3.11+) no
+# `python -m` or `-c` puts the working directory on sys.path; pytest adds only tests/.
+export PYTHONSAFEPATH := 1
 
 .PHONY: install test fuzz bench lint gpu-check codegen tune clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
+	python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+		|| { echo "make needs Python 3.11+ (PYTHONSAFEPATH); pip install works on 3.10"; exit 1; }
 	test -x $(PY) || python3 -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q "setuptools>=64" wheel
@@ -39,8 +45,7 @@ fuzz: install
 # policies.md, .csv, .png; about 20 CPU-minutes on the CPU, most of it seven inductor
 # compiles).
 bench: install
-	$(PY) -m benchmarks.bench_attention
-	$(PY) -m benchmarks.bench_policies
+	$(VENV)/bin/ckpt-attn bench --out benchmarks/results
 
 lint: install
 	$(PY) -m pip install -q "ruff>=0.5"
@@ -49,12 +54,12 @@ lint: install
 # What ptxas makes of every kernel, compiled for sm_90a and sm_80 exactly as a
 # launch specializes it (no GPU needed): benchmarks/results/sm90_codegen.md.
 codegen: install
-	TRITON_DEFAULT_FP_FUSION=1 $(PY) -m benchmarks.codegen
+	TRITON_DEFAULT_FP_FUSION=1 $(PY) -m ckpt_attn.benchmarks.codegen --out benchmarks/results
 
 # On a CUDA machine: time the launch table's candidates and write the fastest to
 # kernels/tuned/sm_<arch>.json, which the launcher then tries first.
 tune: install
-	$(PY) -m benchmarks.tune
+	$(PY) -m ckpt_attn.benchmarks.tune
 
 # On a CUDA machine: the GPU tests, then a short benchmark of the op and the
 # policies, and a 2-rank context-parallel check when 2+ GPUs are visible (run even if a test
@@ -65,14 +70,14 @@ gpu-check: install
 	mkdir -p benchmarks/results
 	status=0; \
 	$(PY) -m pytest -q -m gpu tests 2>&1 | tee benchmarks/results/gpu-tests.txt || status=$$?; \
-	$(PY) -m benchmarks.bench_attention --quick --out benchmarks/results; \
-	$(PY) -m benchmarks.bench_policies --quick --out benchmarks/results/gpu-policies; \
+	$(VENV)/bin/ckpt-attn bench --quick --only attention --out benchmarks/results; \
+	$(VENV)/bin/ckpt-attn bench --quick --only policies --out benchmarks/results/gpu-policies; \
 	if [ "$$($(PY) -c 'import torch; print(torch.cuda.device_count())')" -gt 1 ]; then \
 		$(PY) -m torch.distributed.run --nproc-per-node 2 -m ckpt_attn.distributed.selfcheck \
 			| tee benchmarks/results/gpu-context-parallel.txt || status=$$?; \
 	fi; \
 	echo "ptxas's report of the kernels just timed (sm_90a, bf16; see sm90_codegen.md):"; \
-	TRITON_DEFAULT_FP_FUSION=1 $(PY) -m benchmarks.codegen --arch 90 --dtype bf16 \
+	TRITON_DEFAULT_FP_FUSION=1 $(PY) -m ckpt_attn.benchmarks.codegen --arch 90 --dtype bf16 \
 		--head-dim 64 128 --out benchmarks/results/gpu-codegen; \
 	exit $$status
 

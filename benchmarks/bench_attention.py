@@ -1,6 +1,6 @@
 """Benchmark ckpt_attn.attention against torch's scaled_dot_product_attention (SDPA).
 
-Run as ``python -m benchmarks.bench_attention [--quick] [--out DIR]``.
+Run as ``python -m ckpt_attn.benchmarks.bench_attention [--quick] [--out DIR]``.
 
 With CUDA: forward and forward+backward TFLOP/s of ckpt_attn (backend="triton")
 against SDPA restricted to each of its backends (FLASH_ATTENTION,
@@ -21,7 +21,7 @@ for backward, ckpt_attn vs SDPA vs naive attention vs the q+k+v+O+row-statistics
 (3) what torch.utils.flop_counter.FlopCounterMode counts. GPU throughput needs a
 CUDA GPU.
 
-Results go under --out (default benchmarks/results): with CUDA summary.md,
+Results go under --out (default ./ckpt-attn-results): with CUDA summary.md,
 gpu_throughput.csv, gpu_throughput.md and gpu_memory.md (plus perf_report's
 per-plot CSV and PNG files when pandas and matplotlib are installed); without
 CUDA cpu_results.md.
@@ -50,7 +50,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import ckpt_attn
 from ckpt_attn.ops import visible_pairs
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+from . import add_common_arguments, apply_threads
+
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 MODES = ("fwd", "fwd_bwd")
 MIB = 2**20
@@ -397,7 +398,7 @@ def cpu_report(sizes: CpuSizes, timings: list[CpuTiming], saved: list[SavedBytes
         environment(),
         "",
         "**GPU throughput (TFLOP/s) needs a CUDA GPU.** Nothing below measures the Triton "
-        "kernels: on a CUDA machine `python -m benchmarks.bench_attention [--quick]` "
+        "kernels: on a CUDA machine `python -m ckpt_attn.benchmarks.bench_attention [--quick]` "
         "benchmarks them against every SDPA backend.",
         "",
         f"## Wall-clock, ckpt_attn (backend=\"torch\") vs SDPA on the CPU ({shape})",
@@ -745,16 +746,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="a reduced grid (CUDA: bf16 only, S 1024/4096/16384; padded "
                              "and window at S 4096/16384)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                        help=f"results directory (default {DEFAULT_OUT})")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's choice); 1 gives "
-                             "stable CPU ratios on a machine busy with other work")
+    add_common_arguments(parser)
     args = parser.parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     torch.manual_seed(0)
     start = time.perf_counter()
     if torch.cuda.is_available():

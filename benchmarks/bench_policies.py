@@ -1,6 +1,6 @@
 """Benchmark the checkpoint policies' trade-off: step time against activation memory.
 
-Run as ``python -m benchmarks.bench_policies [--quick] [--out DIR] [--no-hf]``.
+Run as ``python -m ckpt_attn.benchmarks.bench_policies [--quick] [--out DIR] [--no-hf]``.
 
 For a ckpt_attn.Transformer (shapes chosen by device, benchmarks.policy_cases): every
 checkpoint policy and storage mode in eager mode; torch.compile with torch's own
@@ -13,7 +13,7 @@ kept and peak bytes (every case, compiled ones included), and recompute FLOPs
 (measured beside estimated). A case that fails records its error and the others go
 on.
 
-Results under --out (default benchmarks/results): policies.md, policies.csv and
+Results under --out (default ./ckpt-attn-results): policies.md, policies.csv and
 policies.png (see benchmarks.policy_report).
 """
 
@@ -24,7 +24,6 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 
@@ -33,6 +32,7 @@ from ckpt_attn.checkpointing import POLICIES, Segment
 from ckpt_attn.memory import estimate, layer_costs, measure, min_peak, plan_cost, tail_cost
 from ckpt_attn.memory.planner import plan_layers
 
+from . import add_common_arguments, apply_threads
 from .policy_cases import (
     HF_GRADIENT_CHECKPOINTING,
     Case,
@@ -46,8 +46,6 @@ from .policy_cases import (
 )
 from .policy_measure import CompiledStep, GraphFlops, allocator_memory, interleaved_rounds
 from .policy_report import write_results
-
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
 @dataclasses.dataclass
@@ -358,11 +356,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="fewer cases and rounds (make gpu-check)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                        help=f"results directory (default {DEFAULT_OUT})")
     parser.add_argument("--no-hf", action="store_true",
                         help="leave out the Hugging Face Llama")
+    add_common_arguments(parser)
     args = parser.parse_args(argv)
+    apply_threads(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes = shapes_for(device, args.quick)
     start = time.perf_counter()

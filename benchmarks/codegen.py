@@ -11,7 +11,7 @@ and ptxas's verbose report (`-v`, the same command Triton runs) is read back:
 registers, spill bytes, shared memory, whether wgmma is emitted, and any
 C75xx "Potential Performance Loss" (serialized wgmma) warning.
 
-    python -m benchmarks.codegen [--arch 90 80] [--head-dim 64 128] [--out DIR]
+    python -m ckpt_attn.benchmarks.codegen [--arch 90 80] [--head-dim 64 128] [--out DIR]
 
 writes DIR/sm90_codegen.md (and prints it). Import-time note: the kernels must
 be decorated without TRITON_INTERPRET, so run this in a process of its own
@@ -35,12 +35,14 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from ckpt_attn.kernels import backward, forward  # noqa: E402
 from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+from ckpt_attn.kernels import backward, forward  # noqa: E402
+
+from . import DEFAULT_OUT  # noqa: E402
+
 # The launch shape: B=2, H=8, S=4096, contiguous.
 BATCH, HEADS, SEQLEN = 2, 8, 4096
 # Usable shared memory per block (opt-in maximum), bytes.

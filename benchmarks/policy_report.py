@@ -99,7 +99,7 @@ def markdown(rows: list, context: dict, plotted: bool) -> str:
     cfg = shapes.config()
     parts = [
         "# Checkpoint policies: step time against activation memory", "",
-        f"{_environment(context['device'])}. Written by `python -m benchmarks.bench_policies`"
+        f"{_environment(context['device'])}. Written by `ckpt-attn bench` (bench_policies)"
         f" in {context.get('seconds', 0):.0f} s{_load(context)}.", "",
         f"Model: ckpt_attn.Transformer, {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
         f"{cfg.num_heads} heads ({cfg.num_kv_heads} kv), SwiGLU {cfg.ffn_hidden_size}, "

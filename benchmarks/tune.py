@@ -9,7 +9,7 @@ not fit the device (OutOfResources) is skipped. The fastest go to
 kernels/tuned/sm_<arch>.json, which kernels/launch_config.py puts first from
 then on; every time measured is kept in the file too.
 
-    python -m benchmarks.tune [--head-dim 64 128 256] [--quick]
+    python -m ckpt_attn.benchmarks.tune [--head-dim 64 128 256] [--quick]
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ import statistics
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
+
 from ckpt_attn.kernels import backward, forward, launch_config
 from ckpt_attn.kernels.launch_config import KERNELS, TUNED_DIR, LaunchConfig
-from triton.runtime.errors import OutOfResources
 
 TOKENS, WIDTH, SEQLEN = 16384, 2048, 4096
 

@@ -3,7 +3,7 @@
     ckpt-attn estimate --preset llama-7b --seq 4096 [--json] [--plot pareto.png]
     ckpt-attn estimate --preset llama-3-8b --seq 131072 --context-parallel 8  (per rank)
     ckpt-attn plan --preset llama-7b --seq 4096 --budget 40GiB
-    ckpt-attn bench [--quick] [--out DIR] [--threads N]
+    ckpt-attn bench [--quick] [--out DIR] [--threads N] [--no-hf]
 
 Also ``python -m ckpt_attn``. Bad input exits with status 2 and one line on stderr.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import re
 import sys
@@ -22,12 +21,16 @@ from pathlib import Path
 
 import torch
 
+from .benchmarks import add_common_arguments
 from .checkpointing import POLICIES as CHECKPOINT_POLICIES
 from .memory import estimate, layer_terms, plan
 from .memory.report import GIB, gib
 from .modules.config import MLPS, NORMS, TransformerConfig
 
 PROG = "ckpt-attn"
+BENCH_HELP = ("Benchmark the attention op against torch's SDPA (time, saved bytes, FLOPs), "
+              "then the checkpoint policies' trade-off of memory against recompute and step "
+              "time, on CUDA if present, else on the CPU. Results go to --out.")
 
 PRESETS = {
     "gpt2": dict(num_layers=12, hidden_size=768, num_heads=12, ffn_hidden_size=3072,
@@ -146,19 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
                               "least recompute whose predicted peak fits --budget.")
     pln.add_argument("--budget", type=_budget, required=True,
                      help="peak activation memory: bytes, or e.g. 40GiB, 1.5GB")
-    commands.add_parser("bench", add_help=False, help="run the attention benchmarks "
-                        "(arguments go to benchmarks.bench_attention; try bench --help)")
-    return parser
-
-
-def bench_parser() -> argparse.ArgumentParser:
-    """The options of benchmarks.bench_attention, to check its arguments before it runs:
-    its own parser prints a usage block on errors, not one line."""
-    parser = _Parser(prog=f"{PROG} bench", add_help=False)
-    parser.add_argument("-h", "--help", action="store_true")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--threads", type=int)
+    bench = commands.add_parser("bench", help="benchmark the attention op, then the "
+                                "checkpoint policies' trade-off", description=BENCH_HELP)
+    bench.add_argument("--quick", action="store_true",
+                       help="a reduced grid of each benchmark (minutes, not tens of minutes)")
+    add_common_arguments(bench)
+    bench.add_argument("--no-hf", action="store_true",
+                       help="leave the Hugging Face Llama out of the policy trade-off")
+    bench.add_argument("--only", choices=("attention", "policies"),
+                       help="run one of the two benchmarks")
     return parser
 
 
@@ -166,14 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ckpt-attn command line on argv (default sys.argv[1:]); the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        if argv[:1] != ["bench"]:  # the benchmark reads its own arguments
-            argv = _attach_negative_values(argv)
-        args, rest = build_parser().parse_known_args(argv)
-        if args.command == "bench":
-            return _bench(rest)
-        if rest:
-            raise UsageError(f"unrecognized arguments: {' '.join(rest)}")
-        return _estimate(args) if args.command == "estimate" else _plan(args)
+        args = build_parser().parse_args(_attach_negative_values(argv))
+        return {"estimate": _estimate, "plan": _plan, "bench": _bench}[args.command](args)
     except UsageError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
@@ -385,22 +378,24 @@ def _plan(args) -> int:
     return 0
 
 
-def _bench(argv: list[str]) -> int:
-    """benchmarks.bench_attention.main(argv), found on sys.path or in this checkout."""
-    try:
-        bench = _import_bench()
-    except ModuleNotFoundError as error:
-        if error.name not in ("benchmarks", "benchmarks.bench_attention"):
-            raise
-        raise UsageError("bench needs the benchmarks/ folder of a ckpt-attn source "
-                         "checkout; an installed ckpt-attn does not include it") from None
-    out = bench_parser().parse_args(argv).out or bench.DEFAULT_OUT
-    try:
-        bench.main(argv)
-    except OSError as error:  # making or writing the results directory
-        if error.filename is None or not _related(Path(error.filename), out):
-            raise
-        raise UsageError(f"--out {out}: {error.strerror}") from None
+def _bench(args) -> int:
+    """Run ckpt_attn.benchmarks' attention benchmark, then its policy trade-off (or the one
+    --only names), both writing into --out."""
+    from .benchmarks import bench_attention, bench_policies  # they import triton, matplotlib
+
+    common = ["--out", str(args.out)] + (["--quick"] if args.quick else [])
+    threads = [] if args.threads is None else ["--threads", str(args.threads)]
+    runs = {"attention": (bench_attention.main, common + threads),
+            "policies": (bench_policies.main, common + threads
+                         + (["--no-hf"] if args.no_hf else []))}
+    for name in [args.only] if args.only else list(runs):
+        benchmark, argv = runs[name]
+        try:
+            benchmark(argv)
+        except OSError as error:  # making or writing the results directory
+            if error.filename is None or not _related(Path(error.filename), args.out):
+                raise
+            raise UsageError(f"--out {args.out}: {error.strerror}") from None
     return 0
 
 
@@ -408,14 +403,3 @@ def _related(path: Path, directory: Path) -> bool:
     """Whether path is directory, inside it, or one of its parents."""
     return path == directory or directory in path.parents or path in directory.parents
 
-
-def _import_bench():
-    try:
-        return importlib.import_module("benchmarks.bench_attention")
-    except ModuleNotFoundError as error:
-        root = Path(__file__).resolve().parents[1]  # the checkout, for an editable install
-        if error.name != "benchmarks" or not (root / "benchmarks" / "bench_attention.py") \
-                .is_file():
-            raise
-        sys.path.insert(0, str(root))
-        return importlib.import_module("benchmarks.bench_attention")

@@ -8,10 +8,10 @@ import csv
 import pytest
 import torch
 
-from benchmarks import bench_policies
-from benchmarks.policy_cases import Shapes
-from benchmarks.policy_measure import allocator_memory
-from benchmarks.policy_report import write_results
+from ckpt_attn.benchmarks import bench_policies
+from ckpt_attn.benchmarks.policy_cases import Shapes
+from ckpt_attn.benchmarks.policy_measure import allocator_memory
+from ckpt_attn.benchmarks.policy_report import write_results
 from ckpt_attn.checkpointing import POLICIES
 
 TINY = Shapes(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, batch=1, seq=32,

@@ -6,7 +6,7 @@ import csv
 import pytest
 import torch
 
-from benchmarks import bench_attention as bench
+from ckpt_attn.benchmarks import bench_attention as bench
 from ckpt_attn.ops import visible_pairs
 
 TINY = {"batch": 1, "heads": 2, "head_dim": 16}

@@ -1,5 +1,6 @@
 """The ckpt-attn command line (ckpt_attn.cli): estimate, plan and bench, and its errors."""
 
+import importlib
 import itertools
 import json
 import os
@@ -21,7 +22,6 @@ from ckpt_attn.memory.report import GIB, gib
 from ckpt_attn.modules.config import TransformerConfig
 from ckpt_attn.ops import visible_pairs
 
-ROOT = Path(cli.__file__).resolve().parents[1]
 SMALL = ["--layers", "3", "--hidden", "128", "--heads", "4", "--batch", "2", "--seq", "256"]
 SMALL_CFG = TransformerConfig(num_layers=3, hidden_size=128, num_heads=4)  # max_seq_len 4096
 LABELS = ["none", "full", "sqrt", "selective", "uniform(every=2)", "ratio(ratio=0.5)"]
@@ -275,40 +275,26 @@ def test_help(capsys):
     assert code == 0 and "--preset" in out and "--plot" in out
 
 
-def test_bench_forwards_its_arguments_to_the_benchmark(capsys, monkeypatch):
-    bench = pytest.importorskip("benchmarks.bench_attention")
-
-    def must_not_run(*args):
-        raise AssertionError("bench --help ran the benchmarks")
-
-    monkeypatch.setattr(bench, "run_cpu", must_not_run)
-    monkeypatch.setattr(bench, "run_gpu", must_not_run)
-    code, out, _ = run(capsys, "bench", "--help")  # the benchmark's own parser
-    assert code == 0 and "--quick" in out and "--out" in out
-    calls = []
-    monkeypatch.setattr(bench, "main", calls.append)
-    assert run(capsys, "bench", "--quick", "--out", "somewhere")[0] == 0
-    assert run(capsys, "bench")[0] == 0
-    assert calls == [["--quick", "--out", "somewhere"], []]
-
-
-def test_bench_outside_a_checkout_exits_2(capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "benchmarks", None)
-    monkeypatch.setitem(sys.modules, "benchmarks.bench_attention", None)
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    assert_usage_error(*run(capsys, "bench", "--quick"), "benchmarks")
-
-
-def subprocess_env():
-    return os.environ | {"PYTHONPATH": os.pathsep.join(
-        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+def test_bench_runs_the_attention_benchmark_then_the_policies_with_its_arguments(capsys,
+                                                                                 bench):
+    code, out, _ = run(capsys, "bench", "--help")
+    assert code == 0 and all(flag in out for flag in ("--quick", "--out", "--only"))
+    assert bench == []  # --help ran nothing
+    assert run(capsys, "bench", "--quick", "--out", "somewhere", "--threads", "1",
+               "--no-hf")[0] == 0
+    assert bench == [
+        ("attention", ["--out", "somewhere", "--quick", "--threads", "1"]),
+        ("policies", ["--out", "somewhere", "--quick", "--threads", "1", "--no-hf"])]
+    bench.clear()
+    assert run(capsys, "bench", "--only", "policies")[0] == 0
+    assert bench == [("policies", ["--out", "ckpt-attn-results"])]
 
 
 def test_python_m_ckpt_attn_exit_status_and_no_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "ckpt_attn", "estimate", "--preset", "llama-3-8b",
          "--kv-heads", "5"], capture_output=True, text=True, cwd=tmp_path,
-        env=subprocess_env(), timeout=120)
+        timeout=120)
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr == "ckpt-attn: error: --kv-heads (5) must divide --heads (32)\n"
@@ -409,13 +395,21 @@ def test_plot_paths_that_cannot_be_written_are_refused_first(capsys, tmp_path, m
 
 @pytest.fixture
 def bench(monkeypatch):
-    """benchmarks.bench_attention, its benchmarks replaced by making the results folder
-    (what they do first)."""
-    bench = pytest.importorskip("benchmarks.bench_attention")
-    for name in ("run_cpu", "run_gpu"):
-        monkeypatch.setattr(bench, name,
-                            lambda out, *args: out.mkdir(parents=True, exist_ok=True))
-    return bench
+    """The benchmarks' main functions replaced by a recorder that makes the results folder
+    (what they do first): the list of (benchmark, argv) they were called with."""
+    from ckpt_attn.benchmarks import bench_attention, bench_policies
+
+    calls = []
+
+    def recorder(name):
+        def main(argv):
+            calls.append((name, argv))
+            Path(argv[argv.index("--out") + 1]).mkdir(parents=True, exist_ok=True)
+        return main
+
+    monkeypatch.setattr(bench_attention, "main", recorder("attention"))
+    monkeypatch.setattr(bench_policies, "main", recorder("policies"))
+    return calls
 
 
 def test_bench_out_that_cannot_be_a_folder_is_one_line(capsys, tmp_path, bench):
@@ -431,19 +425,24 @@ def test_bench_out_that_cannot_be_a_folder_is_one_line(capsys, tmp_path, bench):
 @pytest.mark.parametrize("argv, message", [
     (["--bogus"], "unrecognized arguments: --bogus"), (["extra"], "unrecognized arguments"),
     (["--quick=1"], "argument --quick"), (["--out"], "argument --out: expected one argument"),
+    (["--threads", "0"], "argument --threads: must be at least 1, got 0"),
+    (["--threads", "-2"], "argument --threads: must be at least 1, got -2"),
+    (["--only", "fuzz"], "argument --only: invalid choice: 'fuzz'"),
 ])
-def test_bad_bench_arguments_are_one_line_before_it_runs(capsys, bench, monkeypatch, argv,
-                                                         message):
-    monkeypatch.setattr(bench, "main", lambda argv: pytest.fail("the benchmark ran"))
+def test_bad_bench_arguments_are_one_line_before_it_runs(capsys, bench, argv, message):
     assert_usage_error(*run(capsys, "bench", *argv), message)
+    assert bench == []
 
 
-def test_bench_options_are_the_benchmarks(capsys, bench):
-    """cli.bench_parser, which checks the benchmark's arguments, has its options."""
-    code, out, _ = run(capsys, "bench", "--help")  # the benchmark's own help
-    assert code == 0
-    assert set(re.findall(r"--[a-z][a-z-]*", out)) \
-        == set(re.findall(r"--[a-z][a-z-]*", cli.bench_parser().format_help()))
+@pytest.mark.parametrize("module", ["bench_attention", "bench_policies"])
+def test_bench_has_every_option_of_each_benchmark(capsys, module):
+    """Each benchmark's own options (its --help) are options of `ckpt-attn bench`."""
+    benchmark = importlib.import_module(f"ckpt_attn.benchmarks.{module}")
+    with pytest.raises(SystemExit):
+        benchmark.main(["--help"])
+    options = set(re.findall(r"--[a-z][a-z-]*", capsys.readouterr().out))
+    code, out, _ = run(capsys, "bench", "--help")
+    assert code == 0 and options and options <= set(re.findall(r"--[a-z][a-z-]*", out))
 
 
 def visible_pairs_by_rows(seqlen_q, seqlen_k, causal, window):
@@ -488,7 +487,7 @@ def test_estimate_of_a_long_sequence_answers_in_seconds(tmp_path):
     def estimate_seq(*argv):
         return subprocess.run([sys.executable, "-m", "ckpt_attn", "estimate", *argv,
                                "--seq", str(10**11), "--json"], capture_output=True,
-                              text=True, cwd=tmp_path, env=subprocess_env(), timeout=120)
+                              text=True, cwd=tmp_path, timeout=120)
 
     result = estimate_seq("--preset", "gpt2")
     assert result.returncode == 0, result.stderr

@@ -1,8 +1,8 @@
 """What ptxas makes of the kernels, compiled exactly as a launch specializes them, on no GPU.
 
-benchmarks/codegen.py runs the launch wrappers on CPU tensors of a real shape
-(B=2, H=8, S=4096), captures each launch's specialization and first table
-candidate, compiles it with Triton's compiler for the target and reads
+ckpt_attn.benchmarks.codegen (benchmarks/codegen.py) runs the launch wrappers on CPU
+tensors of a real shape (B=2, H=8, S=4096), captures each launch's specialization and
+first table candidate, compiles it with Triton's compiler for the target and reads
 ptxas's verbose report. It runs in a subprocess: the kernels must be
 decorated without TRITON_INTERPRET, which this test process sets.
 
@@ -26,10 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def codegen(*args: str) -> list[dict]:
-    """Reports of `python -m benchmarks.codegen --json ARGS`, one per compiled kernel."""
+    """Reports of `python -m ckpt_attn.benchmarks.codegen --json ARGS`, one per compiled kernel."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    result = subprocess.run([sys.executable, "-m", "benchmarks.codegen", "--json", *args],
+    result = subprocess.run([sys.executable, "-m", "ckpt_attn.benchmarks.codegen", "--json", *args],
                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from ckpt_attn.kernels import launch_config
 from ckpt_attn.kernels.launch_config import LaunchConfig
 
