@@ -8,6 +8,7 @@ and every bad argument."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -493,7 +494,7 @@ def test_hugging_face_selective_keeps_the_attention_kernel_output(llama):
         apply_checkpointing(model, "none")
 
 
-def test_hugging_face_measure_and_cache_refusal(llama):
+def test_hugging_face_measure(llama):
     model, kwargs, _ = llama
     none = measure(model, **kwargs)
     assert none.kept_bytes == saved_bytes(model, **kwargs) and none.recompute_flops == 0
@@ -506,10 +507,68 @@ def test_hugging_face_measure_and_cache_refusal(llama):
         kept = saved_bytes(model, **kwargs) + layer_keyword_bytes(model, kwargs)
         assert full.kept_bytes == kept < none.kept_bytes
         assert sum(layer.recompute_flops for layer in full.layers) == full.recompute_flops > 0
-        # a KV cache would be extended again by the recomputation: refused by name
-        with pytest.raises(ValueError, match="use_cache=True and a KV cache"):
-            model(**(kwargs | {"use_cache": True}))
-        with torch.no_grad():  # generation: nothing is recomputed, caches work
-            model(**(kwargs | {"use_cache": True}))
     finally:
         apply_checkpointing(model, "none")
+
+
+def hf_checkpointing(model):
+    """HF's own enable/disable of its checkpointing: activation_checkpointing_enable/
+    _disable, which transformers 5.2x calls what gradient_checkpointing_enable was."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        return model.activation_checkpointing_enable, model.activation_checkpointing_disable
+    return model.gradient_checkpointing_enable, model.gradient_checkpointing_disable
+
+
+def cache_step(model, kwargs, cache):
+    """One training step as HF users call it (use_cache from the config, True), with a
+    KV cache given or not: (logits, gradients, past_key_values, the cache's length, the
+    warnings raised)."""
+    model.zero_grad()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = model(**kwargs, labels=kwargs["input_ids"], **(
+            {"cache": cache, "use_cache": True} if cache is not None else {}))
+        out.loss.backward()
+    return (out.logits.detach(), [p.grad.clone() for p in model.parameters()],
+            out.past_key_values, None if cache is None else cache.get_seq_length(),
+            [str(w.message) for w in caught])
+
+
+@pytest.mark.parametrize("policy, options", HF_POLICIES[:5], ids=[p for p, _ in HF_POLICIES[:5]])
+@pytest.mark.parametrize("given_cache", [False, True], ids=["config-cache", "given-cache"])
+def test_hugging_face_cache_in_training_is_turned_off_as_hf_checkpointing_does(
+        llama, policy, options, given_cache):
+    """model(input_ids=...) in training, use_cache defaulting to the config's True (or a
+    DynamicCache given): HF's gradient_checkpointing_enable() turns the cache off with a
+    warning, builds none and leaves a given one empty; so does every recomputing policy."""
+    from transformers import DynamicCache
+
+    model, kwargs, _ = llama
+    kwargs = {k: v for k, v in kwargs.items() if k != "use_cache"}
+    assert model.config.use_cache
+    model.train()
+    enable, disable = hf_checkpointing(model)
+    try:
+        enable({"use_reentrant": False})
+        hf = cache_step(model, kwargs, DynamicCache() if given_cache else None)
+        disable()
+        apply_checkpointing(model, policy, **options)
+        ours = cache_step(model, kwargs, DynamicCache() if given_cache else None)
+    finally:
+        disable()
+        apply_checkpointing(model, "none")
+    assert_same_step(ours[:2], hf[:2], atol=1e-6)
+    if given_cache:  # returned as given, and left as it was: 0 tokens
+        assert ours[3] == hf[3] == 0
+        assert ours[2].get_seq_length() == hf[2].get_seq_length() == 0
+    else:  # none built, none returned
+        assert ours[2] is None and hf[2] is None
+    assert ours[4] and all("use_cache=False" in w or "cache=None" in w for w in ours[4])
+    with torch.no_grad():  # generation: nothing is recomputed, the cache fills
+        apply_checkpointing(model, policy, **options)
+        try:
+            cache = DynamicCache()
+            model(**kwargs, cache=cache, use_cache=True)
+            assert cache.get_seq_length() == kwargs["input_ids"].shape[1]
+        finally:
+            apply_checkpointing(model, "none")

@@ -16,7 +16,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..modules.transformer import Transformer
-from .apply import SAVED_OPS, ChainOutput, find_layers, install, unwrap
+from .apply import SAVED_OPS, ChainOutput, find_layers, guard_cache, install, unwrap
 from .budget import BudgetForward, planner_in_use, use_planner
 from .policies import MODES, POLICIES, Option, Policy, Segment, get_policy
 from .storage import STORAGES
@@ -51,7 +51,9 @@ def apply_checkpointing(model: nn.Module, policy: str = "none", *, storage: str 
             error), as far as the policy takes it.
 
     Applying a policy replaces the previous one. Under torch.no_grad the layers run
-    plainly, with no checkpoint machinery.
+    plainly, with no checkpoint machinery. With grad enabled, recomputed layers run with
+    their KV cache turned off (use_cache=False) and a warning, as under Hugging Face's
+    gradient_checkpointing_enable(): a recomputation would extend the cache again.
     """
     chosen = get_policy(policy, options, storage)
     layers = find_layers(model)
@@ -62,6 +64,10 @@ def apply_checkpointing(model: nn.Module, policy: str = "none", *, storage: str 
         tail = inner.norm if isinstance(inner, Transformer) else None
         layers[0].forward = BudgetForward(layers, planner, options["budget_bytes"], storage,
                                           tail)
+        recomputes = True
     else:
-        install(layers, chosen.segments(len(layers), options), storage)
+        segments = chosen.segments(len(layers), options)
+        install(layers, segments, storage)
+        recomputes = any(segment.mode != "none" for segment in segments)
+    guard_cache(model, layers, recomputes)
     return model

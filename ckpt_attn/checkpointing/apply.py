@@ -29,8 +29,11 @@ of the user's run again too). A layer whose forward is already an instance attri
 (another wrapper's) is refused too.
 
 Keyword arguments pass to every layer unchanged (Hugging Face decoder layers take
-masks, position embeddings and ids so). A KV cache with use_cache=True is refused
-under a recomputing policy with grad enabled: the recomputation would extend it twice.
+masks, position embeddings and ids so), but for the KV cache: a recomputed layer would
+extend it a second time, so with grad enabled it runs with use_cache=False and no cache,
+with a warning, and the module that calls the layers (a Hugging Face base model) gets
+use_cache=False in training, so it builds no cache: what Hugging Face's own gradient
+checkpointing does. Under torch.no_grad (generation) caches work with every policy.
 
 torch.compile (fullgraph) traces every policy with storage "device": nothing inside a
 checkpointed region changes Python state; what a region needs (the layers, mode,
@@ -46,6 +49,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
+import warnings
+import weakref
 from collections.abc import Callable, Iterator
 
 import torch
@@ -232,7 +238,7 @@ class SegmentRun:
         if not torch.is_grad_enabled():
             return self._run_layers(x, *args, **kwargs)
         if self.mode != "none":
-            _refuse_caches(kwargs)
+            kwargs = without_cache(kwargs)
         tensor = isinstance(x, torch.Tensor)
         if self.storage == "device" or (self.storage == "cpu" and tensor
                                         and x.device.type == "cpu"):
@@ -428,19 +434,55 @@ def _misuse(args, kwargs, how: str) -> str:
     return output.misuse(how) if output is not None else f"a ChainOutput was used ({how})"
 
 
-_CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value")
+_CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
+_CACHE_WARNING = ("caching is incompatible with a checkpoint policy that recomputes layers (the "
+                  "recomputation would extend the KV cache again): setting {} for this "
+                  "training step, as Hugging Face's gradient checkpointing does; under "
+                  "torch.no_grad caches work with every policy")
 
 
-def _refuse_caches(kwargs: dict) -> None:
-    """A KV cache (Hugging Face layers take one with use_cache=True) is extended by each
-    forward of a layer: a recomputation would extend it again."""
-    cached = [name for name in _CACHE_ARGUMENTS if kwargs.get(name) is not None]
-    if kwargs.get("use_cache") and cached:
-        raise ValueError(f"the layers were called with use_cache=True and a KV cache "
-                         f"({cached[0]}=...) under a checkpoint policy that recomputes them: "
-                         f"the recomputation would extend the cache a second time; pass "
-                         f"use_cache=False for training steps (under torch.no_grad, for "
-                         f"generation, caches work with every policy)")
+def without_cache(kwargs: dict) -> dict:
+    """A recomputed layer's keyword arguments with its KV cache turned off (use_cache=False,
+    each cache argument None), with a warning if there was one to turn off."""
+    turned_off = {"use_cache": False} if kwargs.get("use_cache") else {}
+    turned_off |= {name: None for name in _CACHE_ARGUMENTS if kwargs.get(name) is not None}
+    if not turned_off:
+        return kwargs
+    warnings.warn(_CACHE_WARNING.format(", ".join(f"{k}={v}" for k, v in turned_off.items())),
+                  stacklevel=4)
+    return kwargs | turned_off
+
+
+_CACHE_GUARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""The forward pre-hook guard_cache put on each module, by module."""
+
+
+def guard_cache(model: nn.Module, layers, recomputes: bool) -> None:
+    """While a policy that recomputes is on `layers`, the module of `model` that holds them
+    gets use_cache=False in training with grad enabled, when its forward takes use_cache
+    (a Hugging Face base model): it then builds no cache and returns past_key_values=None,
+    as under Hugging Face's gradient checkpointing. Replaces an earlier guard;
+    recomputes=False only removes it."""
+    holder = next((module for module in unwrap(model).modules()
+                   if any(child is layers for child in module.children())), None)
+    if holder is None:
+        return
+    handle = _CACHE_GUARDS.pop(holder, None)
+    if handle is not None:
+        handle.remove()
+    if recomputes and "use_cache" in inspect.signature(holder.forward).parameters:
+        _CACHE_GUARDS[holder] = holder.register_forward_pre_hook(_cache_off_in_training,
+                                                                 with_kwargs=True)
+
+
+def _cache_off_in_training(module: nn.Module, args, kwargs):
+    if not (module.training and torch.is_grad_enabled()) or kwargs.get("use_cache") is False:
+        return None
+    if not (kwargs.get("use_cache") or getattr(getattr(module, "config", None), "use_cache",
+                                               False)):
+        return None
+    warnings.warn(_CACHE_WARNING.format("use_cache=False"), stacklevel=3)
+    return args, kwargs | {"use_cache": False}
 
 
 def _chain_rule() -> str:
