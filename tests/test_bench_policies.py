@@ -44,7 +44,9 @@ def test_every_policy_runs_eagerly_and_its_bytes_agree_with_the_estimate(results
         assert row.step_ms > 0 and row.step_ratio > 0
     none = next(r for r in eager if r.policy == "none")
     full = next(r for r in eager if r.policy == "full" and r.storage == "device")
-    assert none.step_ratio == 1.0 and none.checkpointed == 0.0 and full.checkpointed == 1.0
+    for row in eager:  # each ratio is its measured time over none's
+        assert row.step_ratio == pytest.approx(row.step_ms / none.step_ms, rel=1e-9)
+    assert none.checkpointed == 0.0 and full.checkpointed == 1.0
     assert full.peak_bytes < none.peak_bytes and full.recompute_flops > 0
 
 

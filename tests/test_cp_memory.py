@@ -10,9 +10,10 @@ import json
 import pytest
 import torch
 
+from ckpt_attn import Transformer, apply_checkpointing
 from ckpt_attn.cli import main
 from ckpt_attn.distributed import ring_buffer_bytes
-from ckpt_attn.memory import estimate, plan
+from ckpt_attn.memory import estimate, measure, plan
 from ckpt_attn.modules.config import TransformerConfig
 
 CFG = TransformerConfig(num_layers=3, hidden_size=128, num_heads=4, num_kv_heads=2,
@@ -46,10 +47,19 @@ def test_per_rank_estimate_is_the_shards_plus_the_ring(policy, options):
     assert linear > 0
 
 
-def test_one_rank_is_no_context_parallelism():
-    single = estimate(CFG, batch=1, seq=256, policy="full")
-    assert estimate(CFG, batch=1, seq=256, policy="full", context_parallel=1) == single
-    assert single.ring_buffer_bytes == 0 and single.context_parallel == 1
+@pytest.mark.parametrize(("policy", "options"), POLICIES)
+def test_one_rank_is_what_a_single_device_measures(policy, options):
+    """context_parallel=1: no ring buffers, and kept, peak and FLOPs are what
+    memory.measure finds on one device running the model."""
+    with torch.device("meta"):
+        model = Transformer(CFG).to(torch.bfloat16)
+    apply_checkpointing(model, policy, **options)
+    run = measure(model, torch.empty(2, 256, 128, device="meta", dtype=torch.bfloat16))
+    one = estimate(CFG, batch=2, seq=256, policy=policy, context_parallel=1, **options)
+    assert (one.ring_buffer_bytes, one.context_parallel) == (0, 1)
+    assert (one.kept_bytes, one.peak_bytes) == (run.kept_bytes, run.peak_bytes)
+    assert (one.recompute_flops, one.step_flops) == (
+        run.recompute_flops, run.total_flops - run.recompute_flops)
 
 
 def test_naive_ring_keeps_each_step_block():
