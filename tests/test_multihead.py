@@ -491,3 +491,197 @@ def test_flags_must_be_bool(name, value, type_name):
     causal_mask = torch.ones(7, 7, dtype=torch.bool).triu(1)
     with pytest.raises(TypeError, match=rf"^{name} must be a bool, got {type_name}$"):
         ours(x, x, x, attn_mask=causal_mask, **{name: value})
+
+
+# ---- torch's conventions, as PyTorch's own tests hold them (benchmarks/client_torch_mha.py) ----
+
+def _bad_call(module_type, kwargs, args):
+    """Build module_type(**kwargs) and call it on args; the exception raised, or None."""
+    try:
+        module = module_type(**{"embed_dim": 4, "num_heads": 4, **kwargs})
+        module(*args[:3], **args[3] if len(args) > 3 else {})
+    except Exception as error:  # noqa: BLE001 - the exception is the outcome under test
+        return error
+    return None
+
+
+Q3, Q2 = torch.randn(4, 4, 4), torch.randn(4, 4)
+
+
+@pytest.mark.parametrize("kwargs, args", [
+    ({"num_heads": 3}, ()),
+    ({}, (Q3, torch.randn(4, 4), Q3)),
+    ({}, (Q3, Q3, torch.randn(4, 4))),
+    ({}, (Q3, Q3, Q3, {"key_padding_mask": torch.tensor([False, False, True, True])})),
+    ({}, (Q3, Q3, Q3, {"attn_mask": torch.tensor([False, False, True, True])})),
+    ({}, (Q2, torch.randn(4, 4, 4), Q2)),
+    ({}, (Q2, Q2, torch.randn(4, 4, 4))),
+    ({}, (Q2, Q2, Q2, {"key_padding_mask": torch.zeros(1, 8, dtype=torch.bool)})),
+    ({}, (Q2, Q2, Q2, {"attn_mask": torch.zeros(5, 4, 4, dtype=torch.bool)})),
+    ({}, (torch.randn(1, 4, 4, 4),) * 3),
+    ({}, (torch.randn(4, 4, 8),) * 3),
+    ({}, (Q3, torch.randn(4, 4, 6), torch.randn(4, 4, 6))),
+    ({"kdim": 6}, (Q3, Q3, Q3)),
+    ({"vdim": 6}, (Q3, Q3, Q3)),
+    ({}, (Q3, torch.randn(5, 4, 4), Q3)),
+    ({}, (Q3, torch.randn(4, 3, 4), torch.randn(4, 3, 4))),
+    ({}, (Q3, Q3, Q3, {"key_padding_mask": torch.zeros(7, 5, dtype=torch.bool)})),
+    ({}, (Q3, Q3, Q3, {"key_padding_mask": torch.zeros(4, 4, dtype=torch.uint8)})),
+    ({}, (Q3, Q3, Q3, {"attn_mask": torch.zeros(5, 5, dtype=torch.bool)})),
+    ({}, (Q3, Q3, Q3, {"attn_mask": torch.zeros(4, 4, 4, dtype=torch.bool)})),
+    ({}, (Q3, Q3, Q3, {"is_causal": True})),
+    ({}, (Q3, Q3, Q3, {"attn_mask": torch.zeros(5, 5, dtype=torch.bool), "is_causal": True,
+                       "key_padding_mask": torch.zeros(4, 4, dtype=torch.bool)})),
+], ids=["heads-divide", "batched-2d-key", "batched-2d-value", "batched-1d-kpm",
+        "batched-1d-attn", "unbatched-3d-key", "unbatched-3d-value", "unbatched-2d-kpm",
+        "unbatched-attn3d-shape", "4d-query", "query-features", "key-features",
+        "kdim-features", "vdim-features", "key-value-seq", "key-batch", "kpm-shape",
+        "kpm-uint8", "attn2d-shape", "attn3d-shape", "causal-no-mask", "causal-kpm-read-mask"])
+def test_bad_arguments_raise_what_torch_raises(kwargs, args):
+    """Each bad argument raises what torch raises (AssertionError or RuntimeError, with
+    torch's message for the dims checks PyTorch's tests match), and ckpt_attn's ValueError /
+    TypeError: code written for either catches it. nn.Transformer's tests tell the two apart
+    (a wrong key_padding_mask must not be a RuntimeError), so the other kind must not match."""
+    theirs = _bad_call(nn.MultiheadAttention, kwargs, args)
+    ours = _bad_call(MultiheadAttention, kwargs, args)
+    assert theirs is not None and ours is not None, (theirs, ours)
+    for kind in (AssertionError, RuntimeError):
+        assert isinstance(ours, kind) == isinstance(theirs, kind), (kind, theirs, ours)
+    assert isinstance(ours, (ValueError, TypeError)), ours
+    if "expected `" in str(theirs) or "query should be" in str(theirs):
+        assert str(theirs) in str(ours)
+
+
+def test_transformer_bad_masks_raise_what_torch_raises():
+    """nn.Transformer around the drop-in: a wrong src_mask is a RuntimeError, a wrong
+    src_key_padding_mask an AssertionError and not a RuntimeError, as with torch's class
+    (PyTorch's test_transformer_args_check)."""
+    torch.manual_seed(0)
+    model = replace_attention(nn.Transformer(16, 4, 1, 1, 32, dropout=0.0))
+    src, tgt = torch.randn(7, 3, 16), torch.randn(5, 3, 16)
+    with pytest.raises(RuntimeError, match="attn_mask"):
+        model(src, tgt, src_mask=model.generate_square_subsequent_mask(8))
+    with pytest.raises(AssertionError, match="key_padding_mask") as caught:
+        model(src, tgt, src_key_padding_mask=torch.zeros(7, 8, dtype=torch.bool))
+    assert not isinstance(caught.value, RuntimeError)
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
+def test_is_causal_mask_not_read_is_not_checked(batched):
+    """is_causal with need_weights=False and no key_padding_mask: torch does not read
+    attn_mask (SDPA's is_causal replaces it), so a mask of the wrong size is not an error
+    (PyTorch's is_causal_kernels passes one); the output is torch's."""
+    ref, ours = module_pair(F64, "torch")
+    query = torch.randn((1, 2, E) if batched else (1, E), dtype=F64, device=DEVICE)
+    wrong_size = nn.Transformer.generate_square_subsequent_mask(2, device=DEVICE, dtype=F64)
+    args = {"query": query, "key": query, "value": query, "attn_mask": wrong_size,
+            "need_weights": False, "is_causal": True}
+    expected, _ = ref(**args)
+    actual, _ = ours(**args)
+    assert_close(actual, expected, TIGHT, "out")
+
+
+def test_torch_jit_script_is_refused_with_what_to_do():
+    """torch.jit.script of the drop-in, alone or inside a layer after replace_attention,
+    raises a RuntimeError (as TorchScript does for what it cannot compile) naming what to do,
+    not a frontend error from inside forward()."""
+    layer = replace_attention(nn.TransformerEncoderLayer(E, H, 32, batch_first=True))
+    for module in (MultiheadAttention(E, H, kdim=8, vdim=8), layer):
+        with pytest.raises(RuntimeError, match=r"torch\.jit\.script cannot compile .*"
+                                               r"replace_attention.*torch\.compile"):
+            torch.jit.script(module)
+
+
+def nested(lengths, features, dtype, layout=torch.strided, seed=0):
+    """A NestedTensor (N, L_i, features) of random values."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.nested.nested_tensor(
+        [torch.randn(n, features, generator=generator, dtype=dtype) for n in lengths],
+        layout=layout, device=DEVICE)
+
+
+@pytest.mark.parametrize("weights", ["fused", "averaged", "per-head"])
+def test_nested_self_attention_matches_torchs_fast_path(weights):
+    """A NestedTensor (eval, no grad, batch_first), which torch serves on its fast path:
+    the same nested output and the same padded weights (0 for padding)."""
+    ref, ours = module_pair(F64, "torch", batch_first=True)
+    ref.eval()
+    ours.eval()
+    x = nested([3, 5, 1], E, F64)
+    need_weights, average = WEIGHTS[weights]
+    with torch.no_grad():
+        expected, expected_weights = ref(x, x, x, need_weights=need_weights,
+                                         average_attn_weights=average)
+        actual, actual_weights = ours(x, x, x, need_weights=need_weights,
+                                      average_attn_weights=average)
+    assert actual.is_nested and actual.layout == torch.strided
+    for a, b in zip(actual.unbind(), expected.unbind(), strict=True):
+        assert_close(a, b, TIGHT, "out")
+    assert_close(actual_weights, expected_weights, TIGHT, "weights")
+
+
+def test_nested_tensors_from_transformer_encoder():
+    """nn.TransformerEncoder(enable_nested_tensor=True) in inference turns a left-aligned
+    padded batch into a NestedTensor; a layer that cannot take its own fast path (here: a
+    hook on self_attn) hands it to self_attn, as torch's class takes it."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, H, 32, dropout=0.0, batch_first=True, dtype=F64,
+                                       device=DEVICE)
+    original = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+    replaced = replace_attention(copy.deepcopy(original))
+    seen = []
+    for model in (original, replaced):
+        for encoder_layer in model.layers:
+            encoder_layer.self_attn.register_forward_hook(
+                lambda module, args, out: seen.append((type(module), args[0].is_nested)))
+    src = torch.randn(3, 6, E, dtype=F64, device=DEVICE)
+    padding = torch.zeros(3, 6, dtype=torch.bool, device=DEVICE)
+    padding[0, 4:], padding[2, 1:] = True, True
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The PyTorch API of nested tensors")
+        expected = original(src, src_key_padding_mask=padding)
+        actual = replaced(src, src_key_padding_mask=padding)
+    assert seen == [(nn.MultiheadAttention, True)] * 2 + [(MultiheadAttention, True)] * 2
+    assert_close(actual, expected, TIGHT, "out")
+
+
+def test_nested_cross_attention_jagged_matches_each_sequence():
+    """Jagged NestedTensors of other lengths for key and value, bias_kv and the zero key
+    (torch 2.13 refuses these): each output sequence is torch's unbatched attention of that
+    sequence."""
+    ref, ours = module_pair(F64, "torch", batch_first=True, add_bias_kv=True,
+                            add_zero_attn=True, kdim=12)
+    query = nested([3, 5], E, F64, torch.jagged, seed=1)
+    key = nested([4, 2], 12, F64, torch.jagged, seed=2)
+    value = nested([4, 2], E, F64, torch.jagged, seed=3)
+    out, _ = ours(query, key, value, need_weights=False)
+    assert out.is_nested and out.layout == torch.jagged
+    for o, q, k, v in zip(out.unbind(), query.unbind(), key.unbind(), value.unbind(),
+                          strict=True):
+        assert_close(o, ref(q, k, v, need_weights=False)[0], TIGHT, "out")
+
+
+def test_nested_tensor_torch_refuses_is_its_assertion_error():
+    """Where torch refuses a NestedTensor (an empty one has no 3 dims, as
+    TransformerEncoderLayer gets in PyTorch's test_TransformerEncoderLayer_empty), the error
+    is torch's AssertionError with its message; an empty sequence in a batch gives an empty
+    output, as torch's layer does."""
+    torch.manual_seed(0)
+    original = nn.TransformerEncoderLayer(E, H, 32, batch_first=True, dtype=F64,
+                                          device=DEVICE).eval()
+    replaced = replace_attention(copy.deepcopy(original))
+    empty = torch.nested.nested_tensor([], dtype=F64, device=DEVICE)
+    with torch.no_grad():
+        for layer in (original, replaced):
+            with pytest.raises(AssertionError, match="MultiheadAttention does not support "
+                                                     "NestedTensor outside of its fast path"):
+                layer(empty)
+        one_empty = torch.nested.nested_tensor([torch.rand(0, E, dtype=F64)], device=DEVICE)
+        assert [t.shape for t in replaced(one_empty).unbind()] == [(0, E)]
+    ours = MultiheadAttention(E, H, batch_first=False)
+    x = nested([2, 3], E, torch.float32)
+    with pytest.raises(AssertionError, match="batch_first was not True"):
+        ours(x, x, x)
+    with pytest.raises(ValueError, match="key_padding_mask are not supported"):
+        MultiheadAttention(E, H, batch_first=True)(
+            x, x, x, key_padding_mask=torch.zeros(2, 3, dtype=torch.bool))

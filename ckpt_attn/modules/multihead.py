@@ -19,6 +19,27 @@ from ..validation import check_flag
 NEG_INF = float("-inf")
 
 
+# torch.nn.MultiheadAttention refuses bad arguments with AssertionError or RuntimeError (and
+# code written against it catches those); ckpt_attn's contract is ValueError / TypeError. Each
+# of our errors is both, so either kind of handler catches it.
+
+class _AssertionValueError(ValueError, AssertionError):
+    """A bad argument that torch's MultiheadAttention refuses with AssertionError."""
+
+
+class _AssertionTypeError(TypeError, AssertionError):
+    """A mask dtype that torch's MultiheadAttention refuses with AssertionError."""
+
+
+class _RuntimeValueError(ValueError, RuntimeError):
+    """A bad argument that torch's MultiheadAttention refuses with RuntimeError."""
+
+
+class _NotScriptableError(TypeError, RuntimeError):
+    """torch.jit.script of the module: refused (torch raises RuntimeError for what it cannot
+    compile)."""
+
+
 class MultiheadAttention(nn.MultiheadAttention):
     """Drop-in torch.nn.MultiheadAttention whose attention is ckpt_attn.attention.
 
@@ -45,11 +66,16 @@ class MultiheadAttention(nn.MultiheadAttention):
           is given, where torch falls back to the dense mask (except with add_bias_kv /
           add_zero_attn: the appended keys make the two differ, so the dense mask is used).
           As in torch's non-fast paths, is_causal without attn_mask raises.
-        - Bad arguments raise ValueError / TypeError naming the argument, where torch raises
-          AssertionError or RuntimeError; ``dropout`` must be in [0, 1).
-        - torch's inference fast path (a fused native kernel in eval mode without grad) is
-          never taken by this module, but nn.TransformerEncoderLayer has its own fast path
-          that reads ``in_proj_weight`` etc. and bypasses forward(): see replace_attention.
+        - Bad arguments raise an error that is both the ValueError / TypeError naming the
+          argument (ckpt_attn's convention) and the AssertionError / RuntimeError torch raises
+          for it, with torch's wording where torch has one; ``dropout`` must be in [0, 1).
+        - torch's inference fast path (``torch._native_multi_head_attention``, in eval mode
+          without grad) is never taken: forward() always runs ckpt_attn. NestedTensor inputs,
+          which torch takes only there, are served as torch serves them (batch_first, no
+          masks; see forward). nn.TransformerEncoderLayer has its own fast path that reads
+          ``in_proj_weight`` etc. and bypasses forward(): see replace_attention.
+        - torch.jit.script is refused with an error saying what to do instead: forward calls
+          the op through Python, which TorchScript cannot compile.
     """
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False,
@@ -61,8 +87,8 @@ class MultiheadAttention(nn.MultiheadAttention):
                                       or value <= 0):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if embed_dim % num_heads != 0:
-            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads "
-                             f"({num_heads})")
+            raise _AssertionValueError(f"embed_dim must be divisible by num_heads, got "
+                                       f"embed_dim={embed_dim} and num_heads={num_heads}")
         if (isinstance(dropout, bool) or not isinstance(dropout, (int, float))
                 or not 0.0 <= dropout < 1.0):
             raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
@@ -86,6 +112,15 @@ class MultiheadAttention(nn.MultiheadAttention):
         self.out_proj.reset_parameters()
         self._reset_parameters()
 
+    def __prepare_scriptable__(self):
+        """Refuse torch.jit.script, which calls this on every module it compiles, with what to
+        do instead (rather than a TorchScript frontend error deep inside forward)."""
+        raise _NotScriptableError(
+            "torch.jit.script cannot compile ckpt_attn.modules.MultiheadAttention: its forward "
+            "calls the ckpt_attn.attention op through Python. Script a model that still uses "
+            "torch.nn.MultiheadAttention (before replace_attention), or compile this one with "
+            "torch.compile instead of torch.jit.script.")
+
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
                 attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
@@ -93,7 +128,10 @@ class MultiheadAttention(nn.MultiheadAttention):
         """Attention of query over key/value, as torch.nn.MultiheadAttention.forward.
 
         Args:
-            query: (L, N, E), (N, L, E) with batch_first, or (L, E) unbatched.
+            query: (L, N, E), (N, L, E) with batch_first, or (L, E) unbatched; or, with
+                batch_first, a NestedTensor (N, L_i, E) as nn.TransformerEncoder passes it
+                (query, key and value all nested, no attn_mask / key_padding_mask: the
+                nested lengths are the padding). The result is then nested too.
             key: (S, N, kdim), (N, S, kdim) or (S, kdim).
             value: (S, N, vdim), (N, S, vdim) or (S, vdim).
             key_padding_mask: (N, S), or (S,) unbatched; bool True = ignore that key,
@@ -109,8 +147,15 @@ class MultiheadAttention(nn.MultiheadAttention):
             (attn_output, attn_weights): output of query's layout with embed_dim features;
             weights (N, L, S) averaged, (N, num_heads, L, S) per head, without N when
             unbatched, or None when need_weights is False. With add_bias_kv / add_zero_attn,
-            S counts the appended keys.
+            S counts the appended keys. For nested inputs L and S are the longest lengths and
+            the weights of padding are 0, as torch returns them.
         """
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if query.is_nested or key.is_nested or value.is_nested:
+            return self._forward_nested(query, key, value, key_padding_mask, need_weights,
+                                        attn_mask, average_attn_weights, is_causal)
         batched = self._check_inputs(query, key, value, key_padding_mask, attn_mask,
                                      need_weights, average_attn_weights, is_causal)
         self_attention = query is key and key is value
@@ -172,9 +217,62 @@ class MultiheadAttention(nn.MultiheadAttention):
         return (x.unflatten(-1, (self.num_heads, self.head_dim)).permute(1, 2, 0, 3)
                 for x in (q, k, v))
 
+    def _forward_nested(self, query, key, value, key_padding_mask, need_weights, attn_mask,
+                        average_attn_weights, is_causal):
+        """forward() of NestedTensor inputs, as torch's fast path takes them: padded to dense
+        (N, L, E) tensors, the key lengths as a key padding mask, and the output nested again
+        with the query lengths (strided or jagged, as query was).
+
+        Where torch refuses a NestedTensor (a form its fast path does not take) this raises
+        torch's AssertionError, "MultiheadAttention does not support NestedTensor outside of
+        its fast path", with the reason.
+        """
+        check_flag(is_causal, "is_causal")
+        reason = None
+        if not (query.is_nested and key.is_nested and value.is_nested):
+            reason = "query, key and value must all be NestedTensors or none"
+        elif query.dim() != 3:
+            reason = ("query should be unbatched 2D or batched 3D tensor but received "
+                      f"{query.dim()}-D query tensor")
+        elif not self.batch_first:
+            reason = "batch_first was not True"
+        elif attn_mask is not None or key_padding_mask is not None:
+            reason = ("attn_mask and key_padding_mask are not supported with NestedTensor "
+                      "input (the nested lengths are the padding)")
+        elif is_causal:
+            reason = "is_causal needs attn_mask, which NestedTensor input does not take"
+        if reason is not None:
+            raise _AssertionValueError("MultiheadAttention does not support NestedTensor "
+                                       f"outside of its fast path: {reason}")
+        padded = {}  # id -> dense tensor, so that query is key is value stays true
+        for x in (query, key, value):
+            if id(x) not in padded:
+                padded[id(x)] = torch.nested.to_padded_tensor(x, 0.0)
+        q, k, v = padded[id(query)], padded[id(key)], padded[id(value)]
+        query_lengths = [t.shape[0] for t in query.unbind()]
+        key_lengths = torch.tensor([t.shape[0] for t in key.unbind()], device=k.device)
+        ignored_keys = torch.arange(k.shape[1], device=k.device) >= key_lengths[:, None]
+        out, weights = self.forward(q, k, v, key_padding_mask=ignored_keys,
+                                    need_weights=need_weights,
+                                    average_attn_weights=average_attn_weights)
+        if weights is not None:  # the weights of padded queries are 0
+            padded_queries = (torch.arange(q.shape[1], device=q.device)
+                              >= torch.tensor(query_lengths, device=q.device)[:, None])
+            shape = (q.shape[0], q.shape[1], 1) if weights.dim() == 3 else (
+                q.shape[0], 1, q.shape[1], 1)
+            weights = weights.masked_fill(padded_queries.view(shape), 0.0)
+        out = torch.nested.as_nested_tensor(
+            [o[:n] for o, n in zip(out, query_lengths, strict=True)], layout=query.layout)
+        return out, weights
+
     def _check_inputs(self, query, key, value, key_padding_mask, attn_mask, need_weights,
                       average_attn_weights, is_causal) -> bool:
         """Check forward()'s arguments; return whether the input is batched.
+
+        Checks and wording follow torch's MultiheadAttention (F.multi_head_attention_forward),
+        and each error is also the kind torch raises (see _AssertionValueError etc.). As in
+        torch, the shape of an attn_mask that is not read (is_causal with need_weights=False
+        and no key_padding_mask) is not checked.
 
         The flags must be Python bools, as torch passes them (nn.Transformer* layers
         included): a tensor's truth value is ambiguous (or a device sync), so it is refused
@@ -184,48 +282,83 @@ class MultiheadAttention(nn.MultiheadAttention):
                            ("average_attn_weights", average_attn_weights),
                            ("is_causal", is_causal)):
             check_flag(flag, name)
-        for name, t in (("query", query), ("key", key), ("value", value)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if query.dim() not in (2, 3):
-            raise ValueError(f"query must be 2-D (L, E) unbatched or 3-D batched, got shape "
-                             f"{tuple(query.shape)}")
-        batched = query.dim() == 3
-        for name, t, features in (("query", query, self.embed_dim), ("key", key, self.kdim),
-                                  ("value", value, self.vdim)):
-            if t.dim() != query.dim() or t.shape[-1] != features:
-                raise ValueError(f"{name} must be {query.dim()}-D with {features} features "
-                                 f"like query, got shape {tuple(t.shape)}")
-        if key.shape[:-1] != value.shape[:-1]:
-            raise ValueError(f"key and value must share (seq, batch) dims, got shapes "
-                             f"{tuple(key.shape)} and {tuple(value.shape)}")
-        batch_dim = 0 if self.batch_first else 1
-        batch = query.shape[batch_dim] if batched else 1
-        if batched and key.shape[batch_dim] != batch:
-            raise ValueError(f"key and value batch size ({key.shape[batch_dim]}) must equal "
-                             f"query's ({batch}), dim {batch_dim} with batch_first="
-                             f"{self.batch_first}")
-        length = query.shape[1 - batch_dim] if batched else query.shape[0]
-        source = key.shape[1 - batch_dim] if batched else key.shape[0]
-        padding_shape = (batch, source) if batched else (source,)
-        heads = batch * self.num_heads if batched else self.num_heads
-        masks = (("key_padding_mask", key_padding_mask, [padding_shape]),
-                 ("attn_mask", attn_mask, [(length, source), (heads, length, source)]))
-        for name, mask, shapes in masks:
+        for name, mask in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
             if mask is None:
                 continue
             if not isinstance(mask, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor or None, got "
                                 f"{type(mask).__name__}")
             if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
-                raise TypeError(f"{name} must be bool or floating point, got {mask.dtype}")
-            if tuple(mask.shape) not in shapes:
-                raise ValueError(f"{name} must have shape {' or '.join(map(str, shapes))}, "
-                                 f"got {tuple(mask.shape)}")
+                raise _AssertionTypeError(f"only bool and floating types of {name} are "
+                                          f"supported, got {mask.dtype}")
+        batched = self._check_dims(query, key, value, key_padding_mask, attn_mask)
         if is_causal and attn_mask is None:
-            raise ValueError("is_causal=True is a hint that attn_mask is the causal mask, so "
-                             "attn_mask is required (see nn.Transformer."
-                             "generate_square_subsequent_mask)")
+            raise _RuntimeValueError(
+                "Need attn_mask if specifying the is_causal hint: is_causal=True says that "
+                "attn_mask is the causal mask, so attn_mask is required (see "
+                "nn.Transformer.generate_square_subsequent_mask)")
+        if query.shape[-1] != self.embed_dim:
+            raise _AssertionValueError(f"was expecting embedding dimension of "
+                                       f"{self.embed_dim}, but got {query.shape[-1]}: query "
+                                       f"must have embed_dim features, got shape "
+                                       f"{tuple(query.shape)}")
+        # torch: the packed in-projection's matmul fails (RuntimeError), the separate
+        # projections assert their weight shapes (AssertionError)
+        error = _RuntimeValueError if self._qkv_same_embed_dim else _AssertionValueError
+        for name, t, features, attribute in (("key", key, self.kdim, "kdim"),
+                                             ("value", value, self.vdim, "vdim")):
+            if t.shape[-1] != features:
+                raise error(f"{name} must have {attribute}={features} features, got shape "
+                            f"{tuple(t.shape)}")
+        if key.shape[:-1] != value.shape[:-1]:
+            raise _AssertionValueError(f"key and value must share (seq, batch) dims: key's "
+                                       f"sequence and batch dims {tuple(key.shape[:-1])} do "
+                                       f"not match value's {tuple(value.shape[:-1])}")
+        batch_dim = 0 if self.batch_first else 1
+        batch = query.shape[batch_dim] if batched else 1
+        if batched and key.shape[batch_dim] != batch:
+            raise _RuntimeValueError(f"key and value batch size ({key.shape[batch_dim]}) must "
+                                     f"equal query's ({batch}), dim {batch_dim} with "
+                                     f"batch_first={self.batch_first}")
+        length = query.shape[1 - batch_dim] if batched else query.shape[0]
+        source = key.shape[1 - batch_dim] if batched else key.shape[0]
+        padding_shape = (batch, source) if batched else (source,)
+        if key_padding_mask is not None and tuple(key_padding_mask.shape) != padding_shape:
+            raise _AssertionValueError(f"expecting key_padding_mask shape of {padding_shape}, "
+                                       f"but got {tuple(key_padding_mask.shape)}")
+        mask_is_read = not (is_causal and not need_weights and key_padding_mask is None)
+        if attn_mask is not None and mask_is_read:
+            shape = ((length, source) if attn_mask.dim() == 2 else
+                     (batch * self.num_heads, length, source))
+            if tuple(attn_mask.shape) != shape:
+                raise _RuntimeValueError(f"The shape of the {attn_mask.dim()}D attn_mask is "
+                                         f"{tuple(attn_mask.shape)}, but should be {shape}.")
+        return batched
+
+    def _check_dims(self, query, key, value, key_padding_mask, attn_mask) -> bool:
+        """The numbers of dims, as torch checks them (with its messages); whether batched."""
+        if query.dim() not in (2, 3):
+            raise _AssertionValueError("query should be unbatched 2D or batched 3D tensor but "
+                                       f"received {query.dim()}-D query tensor")
+        batched = query.dim() == 3
+        kind = "batched (3-D)" if batched else "unbatched (2-D)"
+        if key.dim() != query.dim() or value.dim() != query.dim():
+            raise _AssertionValueError(f"For {kind} `query`, expected `key` and `value` to be "
+                                       f"{query.dim()}-D but found {key.dim()}-D and "
+                                       f"{value.dim()}-D tensors respectively")
+        if key_padding_mask is not None and key_padding_mask.dim() != query.dim() - 1:
+            raise _AssertionValueError(f"For {kind} `query`, expected `key_padding_mask` to be "
+                                       f"`None` or {query.dim() - 1}-D but found "
+                                       f"{key_padding_mask.dim()}-D tensor instead")
+        if attn_mask is not None and attn_mask.dim() not in (2, 3):
+            raise _AssertionValueError(f"For {kind} `query`, expected `attn_mask` to be "
+                                       f"`None`, 2-D or 3-D but found {attn_mask.dim()}-D "
+                                       f"tensor instead")
+        if not batched and attn_mask is not None and attn_mask.dim() == 3:
+            expected = (self.num_heads, query.shape[0], key.shape[0])
+            if tuple(attn_mask.shape) != expected:
+                raise _AssertionValueError(f"Expected `attn_mask` shape to be {expected} but "
+                                           f"got {tuple(attn_mask.shape)}")
         return batched
 
 
