@@ -80,6 +80,41 @@ def test_estimate_quantized_storage(storage, policy, options):
     agree("peak", predicted.peak_bytes, run.peak_bytes)
 
 
+def assert_exact(cfg, dtype, policy, storage="device", batch=2, seq=64, **options):
+    """estimate() equals measure() to the byte (and FLOP) for Transformer(cfg)."""
+    model = meta_model(cfg, dtype)
+    apply_checkpointing(model, policy, storage=storage, **options)
+    run = measure(model, torch.empty(batch, seq, cfg.hidden_size, device="meta", dtype=dtype))
+    predicted = estimate(cfg, batch=batch, seq=seq, policy=policy, storage=storage,
+                         dtype=dtype, **options)
+    assert (predicted.kept_bytes, predicted.peak_bytes, predicted.recompute_flops) == \
+        (run.kept_bytes, run.peak_bytes, run.recompute_flops), (policy, storage, options)
+
+
+@pytest.mark.parametrize("storage", ["int8", "fp8"])
+@pytest.mark.parametrize("layers, policy, options", [
+    (4, "ratio", {"ratio": 0.5}), (6, "budget", {"budget_bytes": None}),
+    (4, "uniform", {"every": 3}), (5, "sqrt", {}), (3, "ratio", {"ratio": 1e-12}),
+])
+def test_quantized_storage_is_exact_on_mixed_and_unequal_plans(storage, layers, policy,
+                                                                options):
+    """The dequantized input comes back in its own segment's backward: the peak walks the
+    segments (it was off by +32,768 bytes with "none" segments after the recomputed
+    ones, and -15,872 with groups of unequal length)."""
+    cfg = ckpt_attn.TransformerConfig(num_layers=layers, hidden_size=128, num_heads=4)
+    if policy == "budget":  # half the peak of "none"
+        options = {"budget_bytes": estimate(cfg, batch=2, seq=64).peak_bytes // 2}
+    assert_exact(cfg, torch.bfloat16, policy, storage, **options)
+
+
+@pytest.mark.parametrize("policy", ["none", "full", "selective"])
+@pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
+def test_float64_statistics_are_float64(policy, norm):
+    """The norms' and attention's row statistics of float64 activations are float64."""
+    cfg = ckpt_attn.TransformerConfig(num_layers=4, hidden_size=128, num_heads=4, norm=norm)
+    assert_exact(cfg, torch.float64, policy)
+
+
 def test_estimate_budget_policy_agrees_with_measure():
     cfg = ckpt_attn.TransformerConfig(num_layers=6, hidden_size=128, num_heads=4)
     model = meta_model(cfg, torch.bfloat16)
@@ -343,11 +378,44 @@ def test_plan_for_a_config_and_reports():
     (dict(batch=1, seq=8, storage="disk"), "storage"),
     (dict(batch=1, seq=8, policy="nope"), "policy"),
     (dict(batch=1, seq=8, storage="int8"), "does not apply"),
+    (dict(batch=1, seq=8, dtype=torch.int8), "dtype must be a floating dtype"),
+    (dict(batch=1, seq=8, dtype=torch.complex64), "dtype must be a floating dtype"),
+    (dict(batch=1, seq=8, dtype="bf16"), "dtype must be one of 'float16', 'bfloat16'"),
+    (dict(batch=10**30, seq=8), r"batch \(10{30}\) \* seq \(8\) is too large"),
 ])
 def test_estimate_bad_input(kwargs, match):
     cfg = ckpt_attn.TransformerConfig(num_layers=2, hidden_size=64, num_heads=4)
     with pytest.raises(ValueError, match=match):
         estimate(cfg, **kwargs)
+    if "dtype" in kwargs:
+        with pytest.raises(ValueError, match=match):
+            plan(cfg, batch=1, seq=8, budget_bytes=2**30, dtype=kwargs["dtype"])
+
+
+@pytest.mark.parametrize("dtype", [None, 16, torch.float32.itemsize * 1.0])
+def test_estimate_dtype_of_another_type(dtype):
+    cfg = ckpt_attn.TransformerConfig(num_layers=2, hidden_size=64, num_heads=4)
+    with pytest.raises(TypeError, match="dtype must be a torch.dtype"):
+        estimate(cfg, batch=1, seq=8, dtype=dtype)
+
+
+def test_estimate_takes_a_dtype_by_name():
+    cfg = ckpt_attn.TransformerConfig(num_layers=2, hidden_size=64, num_heads=4)
+    for name, dtype in (("bfloat16", torch.bfloat16), ("float64", torch.float64)):
+        assert estimate(cfg, batch=1, seq=8, dtype=name, policy="full") == \
+            estimate(cfg, batch=1, seq=8, dtype=dtype, policy="full")
+        assert plan(cfg, batch=1, seq=8, budget_bytes=2**30, dtype=name) == \
+            plan(cfg, batch=1, seq=8, budget_bytes=2**30, dtype=dtype)
+
+
+def test_estimate_answers_up_to_the_largest_tensor():
+    """Up to the largest batch whose activations torch can hold, an answer; beyond it, a
+    ValueError naming batch (not torch's C++ overflow)."""
+    cfg = ckpt_attn.TransformerConfig(num_layers=2, hidden_size=64, num_heads=4)
+    largest = 2**63 // (8 * 256 * 4)  # batch * seq * ffn float32 elements
+    assert estimate(cfg, batch=largest - 1, seq=8, policy="full").peak_bytes > 2**63
+    with pytest.raises(ValueError, match="batch"):
+        estimate(cfg, batch=largest, seq=8)
 
 
 @pytest.mark.gpu

@@ -30,6 +30,7 @@ from ..distributed.schedule import rank_pairs
 from ..modules.config import TransformerConfig
 from ..modules.transformer import TransformerLayer, make_norm
 from ..ops import visible_pairs
+from ..validation import FLOAT_DTYPES
 from .planner import (
     LayerCost,
     Plan,
@@ -42,6 +43,11 @@ from .planner import (
 from .report import Report
 
 NAIVE_SAVES = "what naive attention (softmax(q k^T) v in PyTorch) would keep instead"
+DTYPE_NAMES = {str(dtype).removeprefix("torch."): dtype for dtype in FLOAT_DTYPES}
+"""The dtypes estimate() and plan() take by name: "float16", "bfloat16", "float32",
+"float64" (as torch names them)."""
+MAX_TENSOR_BYTES = 2**63 - 1
+"""torch's limit on one tensor's bytes (an int64)."""
 
 
 @dataclasses.dataclass
@@ -85,11 +91,17 @@ class Estimate(Report):
 
 def layer_terms(cfg: TransformerConfig, batch: int, seq: int, dtype: torch.dtype,
                 training: bool = True) -> list[Term]:
-    """What one TransformerLayer keeps with no checkpointing, tensor by tensor."""
+    """What one TransformerLayer keeps with no checkpointing, tensor by tensor (dtype: a
+    floating torch.dtype or its name, as estimate takes it)."""
+    dtype = check_dtype(dtype)
     tokens, b = batch * seq, dtype.itemsize
     h, g, f = cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, cfg.ffn_hidden_size
-    stats = 4 * tokens * (1 if cfg.norm == "rmsnorm" else 2)
-    stats_why = "fp32 rstd per token" if cfg.norm == "rmsnorm" else "fp32 mean and rstd"
+    # the norms' and attention's row statistics: float32, float64 for float64
+    stat_dtype = _statistics_dtype(dtype)
+    stat, stat_name = stat_dtype.itemsize, str(stat_dtype).removeprefix("torch.")
+    stats = stat * tokens * (1 if cfg.norm == "rmsnorm" else 2)
+    stats_why = f"{stat_name} rstd per token" if cfg.norm == "rmsnorm" \
+        else f"{stat_name} mean and rstd"
     terms = []
     for where, next_op in (("attn", "q/k/v projections"), ("mlp", "MLP input projections")):
         terms += [Term(f"{where}_norm input", tokens * h * b, "the norm's backward"),
@@ -102,8 +114,8 @@ def layer_terms(cfg: TransformerConfig, batch: int, seq: int, dtype: torch.dtype
                       Term("v", tokens * g * b, "attention backward"),
                       Term("attention output o", tokens * h * b,
                            "attention backward, o_proj weight gradient"),
-                      Term("row max and log row sum", tokens * cfg.num_heads * 2 * 4,
-                           "fp32, attention backward recomputes P from them")]
+                      Term("row max and log row sum", tokens * cfg.num_heads * 2 * stat,
+                           f"{stat_name}, attention backward recomputes P from them")]
             if cfg.dropout > 0 and training:
                 terms.append(Term("attention dropout seed", 8,
                                   "int64, attention backward regenerates the mask from it"))
@@ -128,10 +140,12 @@ def naive_attention_terms(cfg: TransformerConfig, batch: int, seq: int, dtype: t
                           training: bool = True, keys: int | None = None) -> list[Term]:
     """The extra (or, negative, saved) bytes per layer with naive attention of seq queries
     over `keys` keys (default seq; a naive ring keeps every step's block: all keys)."""
+    dtype = check_dtype(dtype)
     b, heads, tokens = dtype.itemsize, cfg.num_heads, batch * seq
     square = batch * heads * seq * (seq if keys is None else keys)
+    stat = _statistics_dtype(dtype).itemsize
     terms = [Term("softmax output P", square * b, "P @ v's backward and softmax's backward"),
-             Term("row statistics (not kept)", -tokens * heads * 2 * 4,
+             Term("row statistics (not kept)", -tokens * heads * 2 * stat,
                   "naive keeps P instead")]
     if cfg.num_kv_heads != cfg.num_heads:
         repeated = 2 * tokens * (cfg.num_heads - cfg.num_kv_heads) * cfg.head_dim * b
@@ -144,7 +158,7 @@ def naive_attention_terms(cfg: TransformerConfig, batch: int, seq: int, dtype: t
 
 
 def estimate(cfg: TransformerConfig, *, batch: int, seq: int, policy: str = "none",
-             dtype: torch.dtype = torch.bfloat16, storage: str = "device",
+             dtype: torch.dtype | str = torch.bfloat16, storage: str = "device",
              context_parallel: int = 1, **policy_options) -> Estimate:
     """Predict what one training step of Transformer(cfg) keeps and peaks at (on each
     rank, under context parallelism).
@@ -154,11 +168,15 @@ def estimate(cfg: TransformerConfig, *, batch: int, seq: int, policy: str = "non
         batch, seq: the input's batch size and (full) sequence length.
         policy, storage, **policy_options: as in ckpt_attn.apply_checkpointing
             (every=, ratio=, budget_bytes=).
-        dtype: the model's and activations' dtype.
+        dtype: the model's and activations' dtype: torch.float16, bfloat16, float32 or
+            float64, or its name ("bfloat16"; see DTYPE_NAMES).
         context_parallel: the number of ranks the sequence is sharded over
             (ckpt_attn.distributed); seq must be a multiple of it.
+
+    Bad arguments raise a ValueError or TypeError naming them.
     """
-    local = _local_seq(cfg, batch, seq, context_parallel)
+    dtype = check_dtype(dtype)
+    local = _local_seq(cfg, batch, seq, context_parallel, dtype)
     chosen = get_policy(policy, policy_options, storage)
     terms = layer_terms(cfg, batch, local, dtype)
     naive = naive_attention_terms(cfg, batch, local, dtype, keys=seq)
@@ -171,7 +189,8 @@ def estimate(cfg: TransformerConfig, *, batch: int, seq: int, policy: str = "non
     plan = plan_cost(costs, segments, final_norm, norm_transient)
     # int8/fp8: a byte per element and an fp32 scale per token
     quantized_input = batch * local * (cfg.hidden_size + 4)
-    kept, peak, offloaded = _stored(plan, costs, storage, final_norm, quantized_input)
+    kept, peak, offloaded = _stored(plan, costs, storage, final_norm, norm_transient,
+                                    quantized_input)
     ring = _ring_bytes(cfg, batch, local, dtype, context_parallel)
     step_flops = cfg.num_layers * (costs[0].forward_flops + costs[0].backward_flops)
     # naive attention under "none" keeps its S^2 terms; under "selective" the scores,
@@ -188,7 +207,32 @@ def estimate(cfg: TransformerConfig, *, batch: int, seq: int, policy: str = "non
                     ring_buffer_bytes=ring)
 
 
-def _local_seq(cfg: TransformerConfig, batch: int, seq: int, context_parallel: int) -> int:
+def check_dtype(dtype) -> torch.dtype:
+    """dtype as a torch.dtype: one of FLOAT_DTYPES, given as itself or by its name
+    (DTYPE_NAMES); a TypeError or ValueError naming dtype otherwise."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype must be one of {', '.join(map(repr, DTYPE_NAMES))} (or "
+                             f"the torch.dtype of that name), got {dtype!r}")
+        return DTYPE_NAMES[dtype]
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype (torch.float16, torch.bfloat16, "
+                        f"torch.float32 or torch.float64) or its name, got "
+                        f"{type(dtype).__name__} {dtype!r}")
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype must be a floating dtype the layers run in, torch.float16, "
+                         f"torch.bfloat16, torch.float32 or torch.float64, got {dtype}")
+    return dtype
+
+
+def _statistics_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the norms' and attention's row statistics: float32, float64 for
+    float64 activations."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _local_seq(cfg: TransformerConfig, batch: int, seq: int, context_parallel: int,
+               dtype: torch.dtype) -> int:
     """Check estimate's shape arguments; the tokens per rank, seq / context_parallel."""
     if not isinstance(cfg, TransformerConfig):
         raise TypeError(f"cfg must be a TransformerConfig, got {type(cfg).__name__}")
@@ -200,6 +244,14 @@ def _local_seq(cfg: TransformerConfig, batch: int, seq: int, context_parallel: i
     if seq % context_parallel:
         raise ValueError(f"seq ({seq}) must be a multiple of context_parallel "
                          f"({context_parallel}): each rank holds seq / context_parallel tokens")
+    # the widest activation a layer makes, in its widest dtype (the norms compute in
+    # float32 or float64), must be one torch tensor
+    width = max(cfg.hidden_size, cfg.ffn_hidden_size)
+    widest = batch * seq * width * _statistics_dtype(dtype).itemsize
+    if widest > MAX_TENSOR_BYTES:
+        raise ValueError(f"batch ({batch}) * seq ({seq}) is too large: a layer's activation "
+                         f"of batch * seq * {width} elements would take {widest} bytes, more "
+                         f"than one torch tensor holds (2**63 - 1)")
     return seq // context_parallel
 
 
@@ -212,23 +264,28 @@ def _ring_bytes(cfg: TransformerConfig, batch: int, local: int, dtype: torch.dty
                              dtype, context_parallel).backward
 
 
-def _stored(plan, costs: list[LayerCost], storage: str, base: int,
+def _stored(plan, costs: list[LayerCost], storage: str, base: int, base_transient: int,
             quantized_input: int) -> tuple[int, int, int]:
     """(kept on device, peak on device, offloaded) of a plan under a storage mode."""
-    transient = plan.peak_bytes - plan.kept_bytes
     if storage == "device":
         return plan.kept_bytes, plan.peak_bytes, 0
     if storage == "cpu":
         # everything the layers keep is in host memory; each segment's share comes back
         # to the device for its backward
+        transient = plan.peak_bytes - plan.kept_bytes
         largest = max(segment_cost(costs, s)[0] for s in plan.segments)
         return base, base + largest + transient, plan.kept_bytes - base
-    # int8 / fp8: a recomputed segment keeps its input quantized; the dequantized input
-    # is rebuilt on the device when the segment is recomputed
-    recomputed = [s for s in plan.segments if s.mode == "full"]
-    input_bytes = costs[0].input_bytes
-    kept = plan.kept_bytes - len(recomputed) * (input_bytes - quantized_input)
-    return kept, kept + transient + (input_bytes if recomputed else 0), 0
+    # int8 / fp8: a recomputed segment keeps its input quantized, and the dequantized
+    # input is rebuilt on the device for its recomputation, on top of what its backward
+    # brings back: plan_cost's walk with those two changes
+    kept = peak = 0
+    for segment in plan.segments:
+        seg_kept, _, transient = segment_cost(costs, segment)
+        if segment.mode == "full":
+            seg_kept, transient = quantized_input, transient + seg_kept
+        kept += seg_kept
+        peak = max(peak, kept + transient)
+    return base + kept, max(peak, base + kept + base_transient), 0
 
 
 def terms_bytes(terms: list[Term]) -> int:
@@ -274,11 +331,13 @@ def _measured(cfg_fields: tuple, batch: int, seq: int, dtype: torch.dtype):
 
 
 def plan(cfg: TransformerConfig, *, batch: int, seq: int, budget_bytes: float,
-         dtype: torch.dtype = torch.bfloat16, context_parallel: int = 1) -> Plan:
+         dtype: torch.dtype | str = torch.bfloat16, context_parallel: int = 1) -> Plan:
     """The checkpoint plan for Transformer(cfg) with least recompute FLOPs whose predicted
     peak fits budget_bytes (see plan_layers); ValueError with the minimum if none does.
     Under context parallelism the plan is one rank's, the budget also holding the ring's
-    buffers (the plan's own peak_bytes leaves them out)."""
+    buffers (the plan's own peak_bytes leaves them out). The arguments are checked as
+    estimate checks them (dtype: a torch.dtype or its name)."""
+    dtype = check_dtype(dtype)
     estimate(cfg, batch=batch, seq=seq, dtype=dtype, context_parallel=context_parallel)
     get_policy("budget", {"budget_bytes": budget_bytes})
     local = seq // context_parallel
