@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 # `python -m` or `-c` puts the working directory on sys.path; pytest adds only tests/.
 export PYTHONSAFEPATH := 1
 
-.PHONY: install test fuzz bench lint gpu-check codegen tune clean
+.PHONY: install test wheel-check fuzz bench lint gpu-check codegen tune clean
 
 install: $(STAMP)
 
@@ -32,6 +32,26 @@ $(STAMP): pyproject.toml
 # sets TRITON_INTERPRET=1 when no GPU is present).
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The package as pip users get it (CI runs this after make test): the wheel, installed with
+# its hf and plot extras into a clean venv outside the checkout, its commands run from an
+# empty folder: --help, an estimate, the Hugging Face integration's import, and both
+# benchmarks at their smallest shapes (--smoke), which must write their results.
+WHEEL_DIR := build/wheel
+wheel-check: install
+	rm -rf $(WHEEL_DIR)
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w $(WHEEL_DIR) .
+	wheel=$$(realpath $(WHEEL_DIR)/ckpt_attn-*.whl); dir=$$(mktemp -d); \
+	trap 'rm -rf "$$dir"' EXIT; cd "$$dir"; \
+	python3 -m venv venv; \
+	venv/bin/python -m pip install -q torch==2.13.0; \
+	venv/bin/python -m pip install -q "$$wheel[hf,plot]"; \
+	venv/bin/ckpt-attn --help; \
+	venv/bin/ckpt-attn estimate --preset llama-7b --seq 4096; \
+	venv/bin/python -c "import ckpt_attn.integrations.transformers, kernels; \
+		print('ckpt_attn.integrations.transformers imports; kernels is', kernels.__file__)"; \
+	venv/bin/ckpt-attn bench --smoke --out results; \
+	ls results; test -s results/cpu_results.md && test -s results/policies.md
 
 # The property tests of tests/test_fuzz.py with FUZZ_EXAMPLES problems each (make test
 # draws a few dozen): per backend, that many problems against the float64 reference.

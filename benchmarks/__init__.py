@@ -15,8 +15,12 @@ installed package has no results folder of its own; `make bench` passes
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add --out and --threads, the options every benchmark takes (apply_threads applies
-    the second)."""
+    """Add --smoke, --out and --threads, the options every benchmark takes (apply_threads
+    applies the last)."""
+    parser.add_argument("--smoke", action="store_true",
+                        help="the smallest shapes and one round (on CUDA the attention "
+                             "benchmark's --quick grid): checks in seconds that it runs and "
+                             "writes its files; the figures mean nothing")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help=f"results directory (default ./{DEFAULT_OUT})")
     parser.add_argument("--threads", type=_threads, default=None,

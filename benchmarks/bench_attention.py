@@ -251,6 +251,9 @@ class CpuSizes:
 
 QUICK_CPU_SIZES = CpuSizes(timing_seqlens=(256, 512, 1024), saved_seqlens=(1024, 2048),
                            budget_s=1.0)
+SMOKE_CPU_SIZES = CpuSizes(timing_seqlens=(128,), saved_seqlens=(256,), flop_seqlen=128,
+                           budget_s=0.2)
+"""--smoke: seconds, to check the benchmark runs and writes its files (CI does)."""
 
 
 @dataclass(frozen=True)
@@ -752,9 +755,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.manual_seed(0)
     start = time.perf_counter()
     if torch.cuda.is_available():
-        run_gpu(args.out, args.quick)
+        run_gpu(args.out, args.quick or args.smoke)
     else:
-        run_cpu(args.out, QUICK_CPU_SIZES if args.quick else CpuSizes())
+        run_cpu(args.out, SMOKE_CPU_SIZES if args.smoke else
+                QUICK_CPU_SIZES if args.quick else CpuSizes())
     print(f"\nDone in {time.perf_counter() - start:.0f} s; results in {args.out}")
 
 

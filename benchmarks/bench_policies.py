@@ -362,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     apply_threads(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    shapes = shapes_for(device, args.quick)
+    shapes = shapes_for(device, args.quick, args.smoke)
     start = time.perf_counter()
     rows, context = run(shapes, device, hf=not args.no_hf)
     context["seconds"] = time.perf_counter() - start

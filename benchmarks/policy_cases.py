@@ -67,10 +67,17 @@ GPU_SHAPES = Shapes(num_layers=16, hidden_size=2048, num_heads=32, num_kv_heads=
 QUICK_GPU_SHAPES = dataclasses.replace(GPU_SHAPES, budget_fractions=(0.5,),
                                        torch_budgets=(1.0, 0.0), compiled_policies=(),
                                        rounds=3)
+# --smoke: every family at the smallest shapes, one round (seconds; the figures mean nothing)
+SMOKE_SHAPES = Shapes(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, batch=1,
+                      seq=32, dtype=torch.float32, budget_fractions=(0.5,),
+                      torch_budgets=(1.0, 0.0), compiled_policies=(), rounds=1)
 
 
-def shapes_for(device: torch.device, quick: bool) -> Shapes:
-    """GPU_SHAPES on CUDA, CPU_SHAPES otherwise (their quick variants if quick)."""
+def shapes_for(device: torch.device, quick: bool, smoke: bool = False) -> Shapes:
+    """GPU_SHAPES on CUDA, CPU_SHAPES otherwise (their quick variants if quick), or
+    SMOKE_SHAPES on either if smoke."""
+    if smoke:
+        return SMOKE_SHAPES
     if device.type == "cuda":
         return QUICK_GPU_SHAPES if quick else GPU_SHAPES
     return QUICK_CPU_SHAPES if quick else CPU_SHAPES

@@ -3,7 +3,7 @@
     ckpt-attn estimate --preset llama-7b --seq 4096 [--json] [--plot pareto.png]
     ckpt-attn estimate --preset llama-3-8b --seq 131072 --context-parallel 8  (per rank)
     ckpt-attn plan --preset llama-7b --seq 4096 --budget 40GiB
-    ckpt-attn bench [--quick] [--out DIR] [--threads N] [--no-hf]
+    ckpt-attn bench [--quick | --smoke] [--out DIR] [--threads N] [--no-hf] [--only NAME]
 
 Also ``python -m ckpt_attn``. Bad input exits with status 2 and one line on stderr.
 """
@@ -383,7 +383,8 @@ def _bench(args) -> int:
     --only names), both writing into --out."""
     from .benchmarks import bench_attention, bench_policies  # they import triton, matplotlib
 
-    common = ["--out", str(args.out)] + (["--quick"] if args.quick else [])
+    common = ["--out", str(args.out)] + (["--quick"] if args.quick else []) + (
+        ["--smoke"] if args.smoke else [])
     threads = [] if args.threads is None else ["--threads", str(args.threads)]
     runs = {"attention": (bench_attention.main, common + threads),
             "policies": (bench_policies.main, common + threads

@@ -9,14 +9,12 @@ import pytest
 import torch
 
 from ckpt_attn.benchmarks import bench_policies
-from ckpt_attn.benchmarks.policy_cases import Shapes
+from ckpt_attn.benchmarks.policy_cases import SMOKE_SHAPES
 from ckpt_attn.benchmarks.policy_measure import allocator_memory
 from ckpt_attn.benchmarks.policy_report import write_results
 from ckpt_attn.checkpointing import POLICIES
 
-TINY = Shapes(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, batch=1, seq=32,
-              dtype=torch.float32, budget_fractions=(0.5,), torch_budgets=(1.0, 0.0),
-              compiled_policies=(), rounds=1)
+TINY = SMOKE_SHAPES
 
 
 def agree(predicted, measured):

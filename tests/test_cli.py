@@ -287,7 +287,9 @@ def test_bench_runs_the_attention_benchmark_then_the_policies_with_its_arguments
         ("policies", ["--out", "somewhere", "--quick", "--threads", "1", "--no-hf"])]
     bench.clear()
     assert run(capsys, "bench", "--only", "policies")[0] == 0
-    assert bench == [("policies", ["--out", "ckpt-attn-results"])]
+    assert run(capsys, "bench", "--smoke", "--only", "attention")[0] == 0
+    assert bench == [("policies", ["--out", "ckpt-attn-results"]),
+                     ("attention", ["--out", "ckpt-attn-results", "--smoke"])]
 
 
 def test_python_m_ckpt_attn_exit_status_and_no_traceback(tmp_path):
