@@ -32,6 +32,7 @@ from transformers import (
 )
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import and_masks, causal_mask_function, sdpa_mask
+from transformers.testing_utils import CaptureLogger
 
 from ckpt_attn import ops
 from ckpt_attn.integrations import transformers as hf
@@ -326,8 +327,8 @@ def test_dropout_follows_the_module(monkeypatch):
 
 
 def test_unknown_mask_pattern_is_built_as_sdpa_builds_it(monkeypatch):
-    """A mask function the integration does not recognise becomes SDPA's full bool mask,
-    which the op reads as is."""
+    """A mask function the integration does not recognise becomes SDPA's full bool mask
+    (carried as the layout's full_mask), which the op reads as is."""
 
     def even_keys(batch_idx, head_idx, q_idx, kv_idx):
         return kv_idx % 2 == 0
@@ -340,7 +341,7 @@ def test_unknown_mask_pattern_is_built_as_sdpa_builds_it(monkeypatch):
     spy = OpSpy(monkeypatch)
     ours = hf.key_padding_mask(**arguments)
     assert spy.full_masks == 1
-    assert not isinstance(ours, hf.KeyPaddingMask) and torch.equal(ours, expected)
+    assert torch.equal(ours.mask_layout.full_mask, expected)
     # the recognised pattern, by contrast, is a key mask with the causal flag
     recognised = hf.key_padding_mask(**{**arguments, "mask_function": causal_mask_function})
     assert isinstance(recognised, hf.KeyPaddingMask) and recognised.mask_layout.causal
@@ -370,8 +371,7 @@ def test_masks_not_made_by_the_mask_function_are_read_as_sdpa_reads_them():
 
 
 @pytest.mark.parametrize("argument, value", [("softcap", 30.0), ("s_aux", torch.zeros(4)),
-                                             ("position_bias", torch.zeros(1, 4, 3, 3)),
-                                             ("output_attentions", True)])
+                                             ("position_bias", torch.zeros(1, 4, 3, 3))])
 def test_unsupported_features_are_refused_by_name(argument, value):
     ours, _, _ = build("llama")
     module = ours.model.layers[0].self_attn
@@ -381,10 +381,20 @@ def test_unsupported_features_are_refused_by_name(argument, value):
         hf.attention_forward(module, q, k, v, None, **{argument: value})
 
 
-def test_output_attentions_through_the_model_is_refused():
-    ours, _, _ = build("llama")
-    with pytest.raises(ValueError, match="output_attentions"):
-        ours(input_ids=torch.randint(1, VOCAB, (1, 5)), output_attentions=True)
+def test_output_attentions_follows_sdpa():
+    """output_attentions=True: sdpa's answer (its logits, no weights) and one warning, not
+    an error."""
+    ours, sdpa, _ = build("llama")
+    ids, mask = padded_batch("left")
+    hf._logger.warning_once.cache_clear()
+    with CaptureLogger(hf._logger) as captured, torch.no_grad():
+        got = ours(input_ids=ids, attention_mask=mask, output_attentions=True)
+        again = ours(input_ids=ids, attention_mask=mask, output_attentions=True)
+        expected = sdpa(input_ids=ids, attention_mask=mask, output_attentions=True)
+    assert captured.out.count("output_attentions=True") == 1
+    assert (got.logits - expected.logits)[mask.bool()].abs().max().item() < 1e-5
+    assert torch.equal(got.logits, again.logits)
+    assert got.attentions == expected.attentions
 
 
 def test_library_imports_without_transformers():
@@ -394,3 +404,198 @@ def test_library_imports_without_transformers():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def compiled(model):
+    """model under torch.compile with inductor (the compiler users run)."""
+    return torch.compile(model, backend="inductor")
+
+
+def logits_of(model, **inputs):
+    """The model's logits, no gradients."""
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+# position_ids that do not step by 1 within a row: a restart mid-row (two sequences by
+# position, one by the attention_mask), and stride 2 (position interpolation)
+LENGTH = 12
+RESTARTING = torch.cat([torch.arange(6), torch.arange(6)])[None]
+STRIDE_TWO = torch.arange(0, 2 * LENGTH, 2)[None]
+
+
+@pytest.mark.parametrize("positions", ["restarting", "stride two"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_position_ids_with_an_attention_mask_attend_as_sdpa(family, positions):
+    """Given an attention_mask (here all ones), position_ids never split a row into packed
+    sequences: each row attends as sdpa attends, logits and gradients under the rule."""
+    ours, sdpa, reference = build(family)
+    ids = torch.randint(1, VOCAB, (2, LENGTH))
+    position_ids = {"restarting": RESTARTING, "stride two": STRIDE_TWO}[positions]
+    rows = torch.ones(2, LENGTH, dtype=torch.bool)
+    assert_models_agree(ours, sdpa, reference, rows, f"{family} {positions} positions",
+                        input_ids=ids, attention_mask=torch.ones_like(ids),
+                        position_ids=position_ids.expand(2, -1), use_cache=False)
+
+
+def test_eager_and_compiled_read_position_ids_alike():
+    """Eager and inductor-compiled code give the same logits for every way position_ids and
+    the attention_mask combine: with a mask, sdpa's whole-row attention; without one and
+    with a cache kept (flash-attention's reading), the packed sequences; without one and
+    without a cache, masking_utils' packing (sdpa's answer)."""
+    ours, sdpa, _ = build("llama")
+    model = compiled(ours)
+    ids = torch.randint(1, VOCAB, (1, LENGTH))
+    one_by_one = torch.cat([logits_of(sdpa, input_ids=ids[:, :6]),
+                            logits_of(sdpa, input_ids=ids[:, 6:])], dim=1)
+    cases = {
+        "mask, restarting": (dict(attention_mask=torch.ones_like(ids), position_ids=RESTARTING),
+                             None),
+        "mask, stride two": (dict(attention_mask=torch.ones_like(ids), position_ids=STRIDE_TWO),
+                             None),
+        "no mask, cache": (dict(position_ids=RESTARTING, use_cache=True), one_by_one),
+        "no mask, no cache": (dict(position_ids=RESTARTING, use_cache=False), None),
+    }
+    try:
+        for case, (inputs, expected) in cases.items():
+            eager = logits_of(ours, input_ids=ids, **inputs)
+            if expected is None:
+                expected = logits_of(sdpa, input_ids=ids, **inputs)
+            assert (eager - expected).abs().max().item() < 1e-5, case
+            assert (logits_of(model, input_ids=ids, **inputs) - eager).abs().max().item() < 1e-5, \
+                case
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_flash_kwargs_batch_compiles(use_cache):
+    """A padding-free batch from DataCollatorWithFlattening(return_flash_attn_kwargs=True)
+    under torch.compile: the logits and gradients of the sequences run one by one."""
+    ours, sdpa, reference = build("qwen2")
+    lengths = (5, 7, 4)
+    sequences = [torch.randint(1, VOCAB, (n,)) for n in lengths]
+    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=True)(
+        [{"input_ids": s.tolist()} for s in sequences])
+    batch.pop("labels")
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    separate = {}
+    for name, model in (("sdpa", sdpa), ("reference", reference)):
+        logits, grads = zip(*(logits_and_grads(model, torch.ones(1, n, dtype=torch.bool),
+                                               start, input_ids=s[None], use_cache=False)
+                              for n, s, start in zip(lengths, sequences, starts, strict=True)),
+                            strict=True)
+        separate[name] = torch.cat(logits), torch.stack(grads).sum(0)
+    try:
+        logits, grads = logits_and_grads(compiled(ours), torch.ones(1, sum(lengths), dtype=bool),
+                                         use_cache=use_cache, **batch)
+    finally:
+        torch._dynamo.reset()
+    assert_within_rule(logits, separate["sdpa"][0], separate["reference"][0],
+                       factor=FORWARD_FACTOR, atol=ATOL[torch.float32],
+                       what="hf compiled flash kwargs logits")
+    assert_within_rule(grads, separate["sdpa"][1], separate["reference"][1],
+                       factor=GRADIENT_FACTOR, atol=ATOL[torch.float32],
+                       what="hf compiled flash kwargs grads")
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_readme_budget_example_trains(padded):
+    """The README's example: attn_implementation set to ckpt_attn, then the budget policy
+    (which plans on fake tensors of the decoder layers, the mask among their arguments),
+    then a training step: the loss and gradients of the unchecked model exactly."""
+    import ckpt_attn
+
+    ours, _, _ = build("llama")
+    plain = copy.deepcopy(ours)
+    ckpt_attn.apply_checkpointing(ours, "budget", budget_bytes=2**30)
+    ids, mask = padded_batch("right")
+    inputs = dict(input_ids=ids, labels=ids, use_cache=False,
+                  attention_mask=mask if padded else None)
+    results = []
+    for model in (ours, plain):
+        model.train()
+        model.zero_grad()
+        loss = model(**inputs).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+    (loss, grads), (plain_loss, plain_grads) = results
+    assert torch.equal(loss, plain_loss)
+    assert all(torch.equal(a, b) for a, b in zip(grads, plain_grads, strict=True))
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_measure_on_fake_and_meta_tensors(padded):
+    """memory.measure of a model served by ckpt_attn on fake tensors counts the FLOPs of the
+    real run (no tensor value is read on the way), and on the meta device with a padded
+    batch keeps the real run's bytes. (Without an attention_mask, transformers' own
+    masking_utils reads position_ids, which meta tensors cannot answer, for sdpa too.)"""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ckpt_attn.memory import measure
+
+    ours, _, _ = build("llama")
+    ids, mask = padded_batch("left")
+    inputs = dict(input_ids=ids, use_cache=False, attention_mask=mask if padded else None)
+    real = measure(ours, **inputs)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fake = measure(ours, **inputs)
+    assert fake.forward_flops == real.forward_flops
+    assert fake.backward_flops == real.backward_flops
+    if padded:
+        on_meta = copy.deepcopy(ours).to("meta")
+        meta = measure(on_meta, input_ids=ids.to("meta"), attention_mask=mask.to("meta"),
+                       use_cache=False)
+        assert meta.kept_bytes == real.kept_bytes
+        assert meta.forward_flops == real.forward_flops
+
+
+def custom_masks(batch: int, length: int) -> dict:
+    """4-D masks a caller prepares: bool (causal and random), float, and bool with fully
+    masked query rows (rows 3 and 7 of sample 0 see no key)."""
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    generator = torch.Generator().manual_seed(5)
+    random = torch.rand(batch, 1, length, length, generator=generator) > 0.3
+    bool_mask = causal & (random | torch.eye(length, dtype=torch.bool))
+    float_mask = torch.where(bool_mask, torch.randn(bool_mask.shape, generator=generator), -1e9)
+    empty_rows = bool_mask.clone()
+    empty_rows[0, :, [3, 7]] = False
+    return {"4-D bool": bool_mask, "4-D float": float_mask, "4-D empty rows": empty_rows}
+
+
+@pytest.mark.parametrize("form", ["4-D bool", "4-D float", "4-D empty rows", "1-row positions",
+                                  "batch positions", "no mask, no positions"])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_input_forms_match_sdpa_eager_and_compiled(family, form):
+    """Each input form transformers accepts gives sdpa's logits, eager and compiled: under the
+    rule against float64 and within 1e-5 of eager when compiled."""
+    ours, sdpa, reference = build(family)
+    ids, mask = padded_batch("left", length=LENGTH)
+    rows = mask.bool()
+    if form.startswith("4-D"):
+        masks = custom_masks(3, LENGTH)
+        inputs = dict(attention_mask=masks[form])
+        rows = torch.ones_like(rows)  # fully masked rows too: 0, as in sdpa
+        cast = {torch.float64: dict(attention_mask=masks[form].double())} \
+            if form == "4-D float" else {}
+    else:
+        inputs = {"1-row positions": dict(attention_mask=mask, position_ids=RESTARTING),
+                  "batch positions": dict(attention_mask=mask,
+                                          position_ids=STRIDE_TWO.expand(3, -1)),
+                  "no mask, no positions": dict()}[form]
+        cast = {}
+        if form == "no mask, no positions":
+            rows = torch.ones_like(rows)
+    results = {}
+    for name, model in (("ours", ours), ("sdpa", sdpa), ("reference", reference)):
+        dtype = next(model.parameters()).dtype
+        results[name] = logits_of(model, input_ids=ids, use_cache=False,
+                                  **{**inputs, **cast.get(dtype, {})})
+    assert_within_rule(results["ours"][rows], results["sdpa"][rows], results["reference"][rows],
+                       factor=FORWARD_FACTOR, atol=ATOL[torch.float32],
+                       what=f"hf {family} {form} logits")
+    try:
+        again = logits_of(compiled(ours), input_ids=ids, use_cache=False, **inputs)
+    finally:
+        torch._dynamo.reset()
+    assert (again - results["ours"])[rows].abs().max().item() < 1e-5

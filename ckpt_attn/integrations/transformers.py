@@ -14,28 +14,42 @@ positions q_offset.., keys at kv_offset..), which is how KV-cache decoding and c
 prefill become bottom-right causal; or, for packed sequences, their cumulative lengths
 for ``attention_varlen``. Nothing S_q x S_k is built. A pattern it does not recognise
 (a multimodal model's extra or/and mask functions, chunked or block-wise attention) is
-built as SDPA builds it, a (B, 1, S_q, S_k) bool mask, which the op reads: right, at
-SDPA's mask memory. Under torch.compile only the plain causal and bidirectional
-patterns are recognised (the others are closures the compiler cannot look into), so
-sliding windows and packing detected by the model's mask take SDPA's mask there.
+built as SDPA builds it, a (B, 1, S_q, S_k) bool mask (a KeyPaddingMask whose layout
+holds it as full_mask), which the op reads: right, at SDPA's mask memory. Under
+torch.compile only the plain causal and bidirectional patterns are recognised (the
+others are closures the compiler cannot look into), so sliding windows and packing
+detected by the model's mask take SDPA's mask there.
 
 How the attention function reads what it is given:
-- a ``KeyPaddingMask``: ``attention`` with the key mask, causal and window; packed
-  sequences, or position_ids that restart within a batch without padding (the
-  padding-free batches of ``DataCollatorWithFlattening`` when the model also keeps a
-  KV cache), through ``attention_varlen``;
+- a ``KeyPaddingMask``: ``attention`` with the key mask (whenever the model was given an
+  attention_mask, all ones or not: whether it holds a 0 is never read), causal and
+  window; packed sequences through ``attention_varlen``; SDPA's mask where the mask
+  function had to build one;
 - ``cu_seq_lens_q/k`` and ``max_length_q/k`` keyword arguments (the padding-free batches
-  flash-attention receives): ``attention_varlen``;
-- a tensor mask (a 4-D mask prepared by the caller): as SDPA reads it, bool True = may
-  attend, float added to the scores;
+  of ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``) when the model was
+  given no attention_mask: ``attention_varlen`` with the module's causality and
+  ``sliding_window``, as flash-attention reads them, in eager and compiled code alike;
+- a tensor mask prepared by the caller (4-D): as SDPA reads it, bool True = may attend,
+  float added to the scores; flash keyword arguments are then ignored, as SDPA ignores
+  them;
 - None: as SDPA reads it, causal (top-left) when the module is causal and S_q > 1.
 
+Packing is read from position_ids only where transformers reads it: masking_utils' own
+detection (no attention_mask and no cache; a new sequence wherever positions do not step
+by 1), which the mask function follows, and the flash-attention path's (no
+attention_mask, one row, a sequence starting at every position equal to the row's
+smallest), which covers the model that keeps a KV cache. Given an attention_mask, every
+row attends as one sequence, as in SDPA. Eager and compiled code answer alike; nothing
+on the way reads a tensor's value on fake or meta tensors or while torch.compile traces.
+
 GQA runs without repeating k and v; the module's ``scaling`` and the ``dropout`` the
-model passes (its attention_dropout in training, 0 in eval) reach the op. What the op
-cannot compute raises a ValueError that names it, never a wrong answer: logit
-soft-capping (``softcap``), attention sinks (``s_aux``), ``position_bias``, attention
-weights (``output_attentions``), paged KV caches (``block_table``), and a sliding window
-requested with no mask that says how queries and keys line up.
+model passes (its attention_dropout in training, 0 in eval) reach the op.
+``output_attentions=True`` is answered as SDPA answers it: a warning, once, and no
+weights. What the op cannot compute raises a ValueError that names it, never a wrong
+answer: logit soft-capping (``softcap``), attention sinks (``s_aux``),
+``position_bias``, paged KV caches (``block_table``), a sliding window requested with no
+mask that says how queries and keys line up, and packed sequences (``cu_seq_lens_q/k``)
+together with an attention_mask or a cache holding earlier tokens.
 """
 
 from __future__ import annotations
@@ -45,12 +59,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
+from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
 
 from .. import ops
 
 try:
     from transformers import AttentionInterface, AttentionMaskInterface, masking_utils
     from transformers import __version__ as transformers_version
+    from transformers.utils import logging as transformers_logging
 except ImportError as error:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "ckpt_attn.integrations.transformers needs the transformers package: "
@@ -58,6 +74,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     ) from error
 
 DEFAULT_NAME = "ckpt_attn"
+_logger = transformers_logging.get_logger(__name__)
 
 # Keyword arguments transformers may pass that change what attention computes and that
 # the op has no counterpart for: refused by name when set.
@@ -83,8 +100,11 @@ class MaskLayout:
         query_offset: the position of query 0 less that of key 0 (before key_start).
         cu_seqlens, max_seqlen: packed sequences over the flattened (B * S) tokens (int32
             cumulative lengths and the longest), or None.
-        key_mask: (B, 1, 1, S_k - key_start) bool, True for a real key; None when no key
-            is padding.
+        key_mask: (B, 1, 1, S_k - key_start) bool, True for a real key; None when the model
+            was given no attention_mask.
+        full_mask: SDPA's (B, 1, S_q, S_k) bool mask, for a pattern the fields above cannot
+            say (then they are unused), or None.
+        attention_mask_given: whether the model was given a 2-D attention_mask.
     """
 
     kv_length: int
@@ -95,31 +115,75 @@ class MaskLayout:
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int = 0
     key_mask: torch.Tensor | None = None
+    full_mask: torch.Tensor | None = None
+    attention_mask_given: bool = False
 
 
 class KeyPaddingMask(torch.Tensor):
-    """What the registered mask function hands the attention function instead of an
-    S_q x S_k mask: a (B, 1, 1, S_k - key_start) bool key mask (True = real key) carrying
-    its MaskLayout in ``.mask_layout`` (whose key_mask is this mask as a plain tensor, or
-    None when no key is padding).
+    """What the registered mask function hands the attention function: a (B, 1, 1,
+    S_k - key_start) bool key mask (True = real key) carrying its MaskLayout in
+    ``.mask_layout`` (whose key_mask is this mask as a plain tensor, or None when the model
+    was given no attention_mask); for a pattern the op cannot express, SDPA's (B, 1, S_q,
+    S_k) mask, which is also the layout's full_mask.
 
     It is a 4-D tensor so that transformers passes it on as an already prepared mask
     (generate() with a static cache builds the masks ahead and hands them back to the
     model). Operations on it return plain tensors, which the attention function reads as
-    SDPA would.
+    SDPA would, except ``torch.empty_like``: the shape-only copy the budget planner makes
+    of a layer's arguments (on fake or meta tensors) is a KeyPaddingMask whose layout's
+    tensors are shape-only copies too. On fake tensors the mask's own data (never read) is
+    a meta tensor, since a fake tensor cannot become a subclass; its layout holds the fake
+    tensors.
     """
 
-    __torch_function__ = torch._C._disabled_torch_function_impl
     mask_layout: MaskLayout
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        """Plain-tensor semantics; empty_like keeps the layout (see the class docstring)."""
+        kwargs = kwargs or {}
+        if func is torch.empty_like and isinstance(args[0], KeyPaddingMask):
+            return args[0]._empty_like(kwargs)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
 
     @classmethod
     def create(cls, keep: torch.Tensor, padded: bool, layout: MaskLayout) -> KeyPaddingMask:
         """The mask for keep, (B, S_k) bool, True = real key, and a layout without key_mask;
-        padded says whether keep holds a False."""
+        padded says whether the key mask must be applied (an attention_mask was given)."""
         key_mask = keep[:, layout.key_start:].contiguous()[:, None, None, :]
-        mask = torch.Tensor._make_subclass(cls, key_mask)
-        mask.mask_layout = replace(layout, key_mask=key_mask if padded else None)
+        return cls._wrap(key_mask, replace(layout, key_mask=key_mask if padded else None,
+                                           attention_mask_given=padded))
+
+    @classmethod
+    def full(cls, mask: torch.Tensor, padded: bool) -> KeyPaddingMask:
+        """SDPA's (B, 1, S_q, S_k) mask as a KeyPaddingMask; padded says whether the model
+        was given an attention_mask."""
+        return cls._wrap(mask, MaskLayout(mask.shape[-1], full_mask=mask,
+                                          attention_mask_given=padded))
+
+    @classmethod
+    def _wrap(cls, key_mask: torch.Tensor, layout: MaskLayout) -> KeyPaddingMask:
+        """key_mask as a KeyPaddingMask carrying layout."""
+        body = key_mask
+        if not torch.compiler.is_compiling() and is_fake(key_mask):
+            with unset_fake_temporarily():
+                body = torch.empty(key_mask.shape, dtype=key_mask.dtype, device="meta")
+        mask = torch.Tensor._make_subclass(cls, body)
+        mask.mask_layout = layout
         return mask
+
+    def _empty_like(self, kwargs: dict) -> KeyPaddingMask:
+        """torch.empty_like(self, **kwargs), the layout's tensors copied the same way."""
+        layout = self.mask_layout
+        with torch._C.DisableTorchFunctionSubclass():
+            body = torch.empty_like(self.as_subclass(torch.Tensor), **kwargs)
+            device = {"device": kwargs["device"]} if "device" in kwargs else {}
+            cu_seqlens = (None if layout.cu_seqlens is None
+                          else torch.empty_like(layout.cu_seqlens, **device))
+        return self._wrap(body, replace(layout, cu_seqlens=cu_seqlens,
+                                        key_mask=None if layout.key_mask is None else body,
+                                        full_mask=None if layout.full_mask is None else body))
 
 
 # The attention functions register() made, one per backend.
@@ -190,8 +254,8 @@ def key_padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0,
     ``attention_mask`` is the 2-D padding mask (True = real token) over positions from 0.
 
     Returns:
-        a KeyPaddingMask for the patterns the op expresses, otherwise SDPA's
-        (B, 1, q_length, kv_length) bool mask.
+        a KeyPaddingMask: a key mask and a layout for the patterns the op expresses,
+        otherwise SDPA's (B, 1, q_length, kv_length) bool mask.
     """
     mask_function = mask_function or masking_utils.causal_mask_function
     pattern = _pattern(mask_function)
@@ -201,7 +265,7 @@ def key_padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0,
         offset -= kv_offset
         keep = _key_padding(attention_mask, batch_size, kv_length, kv_offset,
                             kwargs.get("device", "cpu"))
-        padded = _has_padding(keep)
+        padded = attention_mask is not None
         if packed_ids is None:
             layout = _aligned(kv_length, offset, lower, upper)
         elif not padded and offset == 0 and q_length == kv_length:
@@ -210,12 +274,13 @@ def key_padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0,
             layout = None
         if layout is not None:
             return KeyPaddingMask.create(keep, padded, layout)
-    return masking_utils.sdpa_mask(
+    full_mask = masking_utils.sdpa_mask(
         batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
         kv_offset=kv_offset, mask_function=mask_function,
         attention_mask=attention_mask, local_size=kwargs.get("local_size"),
         allow_is_causal_skip=False, allow_is_bidirectional_skip=False,
         use_vmap=kwargs.get("use_vmap", False), device=kwargs.get("device", "cpu"))
+    return KeyPaddingMask.full(full_mask, attention_mask is not None)
 
 
 def _pattern(mask_function: Callable):
@@ -273,13 +338,18 @@ def _window_size(overlay) -> int | None:
 
 
 def _query_offset(q_offset) -> int | None:
-    """q_offset as an int; static caches pass a 0-d tensor, readable except while
-    torch.compile traces (then None: the mask is built as SDPA builds it)."""
+    """q_offset as an int; static caches pass a 0-d tensor, read where its value exists
+    (not while torch.compile traces, nor on fake or meta tensors: None, and the mask is
+    built as SDPA builds it)."""
     if isinstance(q_offset, torch.Tensor):
-        if torch.compiler.is_compiling():
-            return None
-        return int(q_offset)
+        return int(q_offset) if _readable(q_offset) else None
     return int(q_offset)
+
+
+def _readable(t: torch.Tensor) -> bool:
+    """Whether t's values can be read on the host: not while torch.compile traces, and not
+    on fake or meta tensors (the budget planner's and memory.measure's shape-only runs)."""
+    return not torch.compiler.is_compiling() and t.device.type != "meta" and not is_fake(t)
 
 
 def _key_padding(attention_mask: torch.Tensor | None, batch_size: int, kv_length: int,
@@ -296,12 +366,6 @@ def _key_padding(attention_mask: torch.Tensor | None, batch_size: int, kv_length
     if missing > 0:
         keep = torch.nn.functional.pad(keep, (0, missing), value=False)
     return keep[:, kv_offset:kv_offset + kv_length]
-
-
-def _has_padding(keep: torch.Tensor) -> bool:
-    """Whether some key is padding (assumed while torch.compile traces, which cannot read
-    it; the key mask is then applied, all True or not)."""
-    return torch.compiler.is_compiling() or not bool(keep.all())
 
 
 def _aligned(kv_length: int, offset: int, lower, upper) -> MaskLayout | None:
@@ -328,16 +392,23 @@ def _aligned(kv_length: int, offset: int, lower, upper) -> MaskLayout | None:
 def _packed(packed_ids: torch.Tensor, batch_size: int, length: int, lower,
             upper) -> MaskLayout:
     """Packed sequences: masking_utils' sequence ids (a new id where positions restart)
-    become cumulative lengths over the flattened batch, each row starting a sequence."""
+    become cumulative lengths over the flattened batch, each row starting a sequence.
+
+    On fake or meta tensors the ids have no values (and masking_utils reports packing for
+    every position_ids it cannot read): each row counts as one sequence, the layout that
+    real position_ids without a restart give, which is what the shape-only runs of the
+    planner and of memory.measure account for."""
+    window = (-1 if lower is None else lower, -1 if upper is None else upper)
+    causal = window[1] == 0
+    window = (window[0], -1) if causal else window
+    if not _readable(packed_ids):
+        return MaskLayout(length, 0, causal=causal, window=window)
     ids = packed_ids.expand(batch_size, length)
     starts = torch.ones_like(ids, dtype=torch.bool)
     starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
     cu_seqlens, max_seqlen = _cumulative_lengths(starts)
-    window = (-1 if lower is None else lower, -1 if upper is None else upper)
-    causal = window[1] == 0
-    return MaskLayout(length, 0, causal=causal,
-                      window=(window[0], -1) if causal else window,
-                      cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    return MaskLayout(length, 0, causal=causal, window=window, cu_seqlens=cu_seqlens,
+                      max_seqlen=max_seqlen)
 
 
 def _cumulative_lengths(starts: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -368,25 +439,33 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         scaling: softmax scale, default 1/sqrt(D).
         backend: the op's backend.
         **kwargs: what the model passes on: position_ids, is_causal, sliding_window,
-            cu_seq_lens_q/k and max_length_q/k; softcap, s_aux, position_bias,
-            block_table and output_attentions are refused.
+            cu_seq_lens_q/k and max_length_q/k, output_attentions (a warning, as in
+            SDPA); softcap, s_aux, position_bias and block_table are refused.
 
     Returns:
         (attn_output (B, S_q, H_q, D), None): no attention weights are formed.
     """
-    _refuse_unsupported(module, kwargs)
-    flash_packing = _flash_packing(kwargs)
-    if isinstance(attention_mask, KeyPaddingMask):
-        return _with_layout(query, key, value, attention_mask.mask_layout, dropout, scaling,
-                            backend, flash_packing, kwargs.get("position_ids"))
-    if flash_packing is not None:
-        if attention_mask is not None:
-            raise ValueError("cu_seq_lens_q/cu_seq_lens_k describe packed sequences, but a "
-                             "tensor attention_mask was given too; pass one or the other")
+    _refuse_unsupported(kwargs)
+    flash_packing = _flash_packing(kwargs, query.shape[0] * query.shape[2],
+                                   key.shape[0] * key.shape[2])
+    layout = attention_mask.mask_layout if isinstance(attention_mask, KeyPaddingMask) else None
+    if flash_packing is not None and (attention_mask is None or layout is not None):
+        # flash-attention's reading: the module's causality and sliding_window, whichever
+        # pattern the model's mask has (which torch.compile cannot always look into)
+        if layout is not None and (layout.attention_mask_given or layout.query_offset != 0
+                                   or layout.key_start != 0 or query.shape[2] != key.shape[2]):
+            raise ValueError("packed sequences (cu_seq_lens_q/k) cannot be combined with an "
+                             "attention_mask or a KV cache that holds earlier tokens; pass "
+                             "the padding-free batch without attention_mask")
         causal = _module_causal(module, kwargs)
         window = _flash_window(kwargs.get("sliding_window"), causal, key.shape[2])
         return _varlen(query, key, value, flash_packing, causal, window, dropout, scaling,
                        backend), None
+    if layout is not None and layout.full_mask is None:
+        return _with_layout(query, key, value, layout, dropout, scaling, backend,
+                            kwargs.get("position_ids"))
+    if layout is not None:
+        attention_mask = layout.full_mask
     if attention_mask is None:
         window = kwargs.get("sliding_window")
         if window is not None and window < key.shape[2]:
@@ -403,22 +482,24 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     return output.transpose(1, 2), None
 
 
-def _refuse_unsupported(module: torch.nn.Module, kwargs: dict) -> None:
-    """ValueError naming the first argument the op cannot serve."""
+def _refuse_unsupported(kwargs: dict) -> None:
+    """ValueError naming the first argument the op cannot serve; output_attentions=True is
+    served as SDPA serves it: a warning (once) and no weights."""
     for name, what in _UNSUPPORTED.items():
         if kwargs.get(name) is not None:
             raise ValueError(f"ckpt_attn does not support {what} ({name}=...); use "
                              f"attn_implementation='eager' for this model")
-    config = getattr(module, "config", None)
-    if kwargs.get("output_attentions", getattr(config, "output_attentions", False)):
-        raise ValueError("ckpt_attn never forms the attention weights, so "
-                         "output_attentions=True cannot be served; use "
-                         "attn_implementation='eager' to get them")
+    if kwargs.get("output_attentions", False):
+        _logger.warning_once("ckpt_attn never forms the attention weights: "
+                             "output_attentions=True returns None for them (as sdpa does); "
+                             "use attn_implementation='eager' to get them")
 
 
-def _flash_packing(kwargs: dict) -> tuple | None:
+def _flash_packing(kwargs: dict, total_q: int, total_k: int) -> tuple | None:
     """(cu_seqlens_q, cu_seqlens_k, max_q, max_k) from flash-attention's padding-free
-    keyword arguments, or None when none is given."""
+    keyword arguments, or None when none is given. A max_length given as a tensor is read
+    where its value exists; elsewhere (torch.compile, fake or meta tensors) the token
+    count bounds it."""
     given = [kwargs.get(name) is not None for name in _FLASH_PACKING]
     if not any(given):
         return None
@@ -428,7 +509,15 @@ def _flash_packing(kwargs: dict) -> tuple | None:
         raise ValueError(f"packed sequences need all of {', '.join(_FLASH_PACKING)}; "
                          f"missing {', '.join(missing)}")
     cu_q, cu_k, max_q, max_k = (kwargs[name] for name in _FLASH_PACKING)
-    return cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q), int(max_k)
+    return (cu_q.to(torch.int32), cu_k.to(torch.int32), _max_length(max_q, total_q),
+            _max_length(max_k, total_k))
+
+
+def _max_length(value, total: int) -> int:
+    """A max_length_q/k keyword argument as the op's int (see _flash_packing)."""
+    if isinstance(value, torch.Tensor):
+        return int(value) if _readable(value) else total
+    return int(value)
 
 
 def _module_causal(module: torch.nn.Module, kwargs: dict) -> bool:
@@ -449,22 +538,18 @@ def _flash_window(sliding_window, causal: bool, key_length: int) -> tuple[int, i
 
 
 def _with_layout(query, key, value, layout: MaskLayout, dropout, scaling, backend,
-                 flash_packing, position_ids):
-    """Run the op as a KeyPaddingMask's layout describes."""
+                 position_ids):
+    """Run the op as a KeyPaddingMask's layout (one without full_mask) describes."""
     if key.shape[2] != layout.kv_length:
         raise ValueError(f"the mask was built for {layout.kv_length} keys, but key has "
                          f"{key.shape[2]}")
-    packing = flash_packing
-    if packing is None and layout.cu_seqlens is not None:
+    packing = None
+    if layout.cu_seqlens is not None:
         packing = (layout.cu_seqlens, layout.cu_seqlens, layout.max_seqlen, layout.max_seqlen)
-    plain = (layout.key_mask is None and layout.key_start == 0 and layout.query_offset == 0
-             and query.shape[2] == key.shape[2])
-    if packing is None and plain and layout.causal:
+    plain = layout.key_start == 0 and layout.query_offset == 0 and query.shape[2] == key.shape[2]
+    if packing is None and plain and layout.causal and not layout.attention_mask_given:
         packing = _packing_from_positions(position_ids, query.shape[0], query.shape[2])
     if packing is not None:
-        if not plain:
-            raise ValueError("packed sequences (cu_seq_lens_q/k or restarting position_ids) "
-                             "cannot be combined with padding or a KV cache")
         return _varlen(query, key, value, packing, layout.causal, layout.window, dropout,
                        scaling, backend), None
     key, value = key[:, :, layout.key_start:], value[:, :, layout.key_start:]
@@ -475,19 +560,30 @@ def _with_layout(query, key, value, layout: MaskLayout, dropout, scaling, backen
 
 
 def _packing_from_positions(position_ids, batch_size: int, length: int) -> tuple | None:
-    """Packed sequences read from position_ids where they restart (a step other than +1
-    starts a sequence, as masking_utils reads them), or None when each row is one
-    sequence."""
-    if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2 or length < 2:
+    """Packed sequences read from position_ids where transformers' flash-attention path
+    reads them (_is_packed_sequence, prepare_fa_kwargs_from_position_ids): the model was
+    given no attention_mask (checked by the caller), one row of length > 1, and a sequence
+    starts at every position equal to the row's smallest (and at the first token). None
+    when the row is one sequence, when those conditions do not hold, and on fake or meta
+    tensors (no values: counted as one sequence). While torch.compile traces the values
+    cannot steer the graph: the cumulative lengths then have a fixed length + 1 entries,
+    the unused ones empty sequences at the end, and the row length bounds them."""
+    if (not isinstance(position_ids, torch.Tensor) or batch_size != 1 or length < 2
+            or tuple(position_ids.shape) != (1, length)):
         return None
-    if position_ids.shape[-1] != length or torch.compiler.is_compiling():
+    positions = position_ids.reshape(length)
+    starts = positions == positions.min()
+    starts = torch.cat([starts.new_ones(1), starts[1:]])
+    if torch.compiler.is_compiling():
+        index = torch.arange(length, device=starts.device)
+        first = torch.where(starts, index, length).sort().values
+        cu_seqlens = torch.cat([first, first.new_full((1,), length)]).to(torch.int32)
+        return cu_seqlens, cu_seqlens, length, length
+    if not _readable(positions):
         return None
-    positions = position_ids.expand(batch_size, length)
-    starts = torch.ones_like(positions, dtype=torch.bool)
-    starts[:, 1:] = positions[:, 1:] - positions[:, :-1] != 1
-    if not bool(starts[:, 1:].any()):
+    cu_seqlens, max_seqlen = _cumulative_lengths(starts[None])
+    if cu_seqlens.numel() == 2:
         return None
-    cu_seqlens, max_seqlen = _cumulative_lengths(starts)
     return cu_seqlens, cu_seqlens, max_seqlen, max_seqlen
 
 
