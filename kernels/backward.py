@@ -2,7 +2,7 @@
 
 Three kernels, no atomics, so the gradients are bitwise deterministic:
 
-- preprocess: delta = rowsum(dO * O) - dlse, one value per query row (dlse is
+- preprocess: delta = rowsum(dO * O) - dlse and dlse, per query row (dlse is
   the gradient flowing into the returned logsumexp, zero when it is unused);
 - dK/dV: a program owns BLOCK_N keys of one kv head and streams over the
   queries of every query head in its GQA group, so the group's gradients are
@@ -10,8 +10,9 @@ Three kernels, no atomics, so the gradients are bitwise deterministic:
 - dQ: a program owns BLOCK_M queries and streams over the keys; for a float
   attn_mask that requires grad it also writes dS, the mask's gradient.
 
-With P = exp2((S - max) - log2 sum) from the forward's row statistics, dP = dO V^T
-and dS = P * (dP - delta):
+With P = exp2((S - max) - log2 sum) from the forward's row statistics and its scores S
+(masking.scores, the same bits), dP = dO V^T and dS = P * (dP - delta), dS = dlse where
+P = 1 (see _score_grads):
 dV = P^T dO, dK = (scale * dS)^T Q (dS scaled before the product, as autograd does:
 after it, q of magnitude 1e3 cost dk 3x naive's error), dQ = scale * dS K. With dropout, the mask is
 regenerated from the seed: dV = Z^T dO with Z = keep * P / (1 - p), and dP is
@@ -32,8 +33,8 @@ from .masking import (
     dropout_seed,
     head_dim_mask,
     key_range,
-    mask_scores,
     query_range,
+    scores,
     sequence_bounds,
     unmasked_key_split,
 )
@@ -61,39 +62,48 @@ def _attn_bwd_preprocess(O, DO, DLSE, DELTA,
                  mask=tile_ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     row_ptrs = off_bh.to(tl.int64) * seqlen_q + offs_m
+    dlse = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_DLSE:
-        delta -= tl.load(DLSE + row_ptrs, mask=rows_ok, other=0.0)
-    tl.store(DELTA + row_ptrs, delta, mask=rows_ok)
+        dlse = tl.load(DLSE + row_ptrs, mask=rows_ok, other=0.0)
+    tl.store(DELTA + 2 * row_ptrs, delta - dlse, mask=rows_ok)
+    tl.store(DELTA + 2 * row_ptrs + 1, dlse, mask=rows_ok)
 
 
 @triton.jit
 def _load_row_stats(stats_ptrs, delta_ptrs, rows_ok):
-    """(row max, log2 of the row sum, delta) of the forward (log2 domain). A row with no
-    visible key gets max +inf and log2 sum 0, so its P is 0."""
+    """(row max, log2 of the row sum) of the forward (log2 domain), and (delta, dlse) of the
+    preprocess. A row with no visible key gets max +inf and log2 sum 0, so its P is 0."""
     row_max = tl.load(stats_ptrs, mask=rows_ok, other=0.0)
     log2_sum = tl.load(stats_ptrs + 1, mask=rows_ok, other=0.0)
     empty = row_max == float("-inf")
     row_max = tl.where(empty, float("inf"), row_max)
     log2_sum = tl.where(empty, 0.0, log2_sum)
     delta = tl.load(delta_ptrs, mask=rows_ok, other=0.0)
-    return row_max, log2_sum, delta
+    dlse = tl.load(delta_ptrs + 1, mask=rows_ok, other=0.0)
+    return row_max, log2_sum, delta, dlse
 
 
 @triton.jit
-def _probabilities(s, row_max, log2_sum, qk_scale, MASKED: tl.constexpr):
-    """P = exp2((s - max) - log2 sum) from raw scores s (already scaled and masked when
-    MASKED), the two statistics subtracted apart: a shared huge bias cancels in s - max
-    before log2 sum is taken off. P <= 1 exactly; the min keeps rounding from overflowing
-    exp2 at huge scores, and lets NaN through."""
-    if MASKED:
-        s = s - row_max
-    else:
-        s = s * qk_scale - row_max
+def _probabilities(s, row_max, log2_sum):
+    """P = exp2((s - max) - log2 sum) from the scores s, the two statistics subtracted
+    apart: a shared huge bias cancels in s - max before log2 sum is taken off. P <= 1
+    exactly; the min keeps rounding from overflowing exp2 at huge scores, and lets NaN
+    through. A row's only key gets exp2(0 - 0) = 1."""
+    s = s - row_max
     return tl.math.exp2(tl.minimum(s - log2_sum, 0.0, propagate_nan=tl.PropagateNan.ALL))
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
+def _score_grads(p, dp, delta, dlse):
+    """dS = P (dP - delta), delta = rowsum(dO * O) - dlse; dlse where P = 1. P = 1 only
+    where the row's other keys sum below half an ulp of 1 (a row with one key, say):
+    there O is that key's V, so dP - rowsum(dO * O) is 0 but for the two dot products'
+    rounding, which naive softmax's backward (rowsum(P dP) = dP) does not have."""
+    return tl.where(p == 1.0, dlse, p * (dp - delta))
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, qt_offs, do_offs, stride_qm, stride_dom,
                          stats_base, delta_base, rng_base, rng_row_stride, offs_m, offs_n,
                          d_ok, lo, hi,
                          seqlen_q, seqlen_k, qk_scale, sm_scale, mask_base, stride_mm, stride_mn,
@@ -105,7 +115,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_
     q_tile = q_base + tl.cast(lo, tl.int64) * stride_qm
     do_tile = do_base + tl.cast(lo, tl.int64) * stride_dom
     stats_tile = stats_base + 2 * lo
-    delta_tile = delta_base + lo
+    delta_tile = delta_base + 2 * lo
     q_step = tl.cast(stride_qm, tl.int64) * BLOCK_M
     do_step = tl.cast(stride_dom, tl.int64) * BLOCK_M
     if DROPOUT:  # Philox index of pair (row, col): rng_base + row * rng_row_stride + col
@@ -114,22 +124,25 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
         if MASKED:
-            q_mask = (rows[:, None] < seqlen_q) & d_ok[None, :]
+            qt_mask = d_ok[:, None] & (rows[None, :] < seqlen_q)
+            do_mask = (rows[:, None] < seqlen_q) & d_ok[None, :]
         else:
-            q_mask = d_ok[None, :]
-        q = tl.load(q_tile + q_offs, mask=q_mask, other=0.0)
-        do = tl.load(do_tile + do_offs, mask=q_mask, other=0.0)
-        row_max, log2_sum, delta = _load_row_stats(stats_tile + 2 * offs_m,
-                                                   delta_tile + offs_m, rows < seqlen_q)
+            qt_mask = d_ok[:, None]
+            do_mask = d_ok[None, :]
+        # Q^T tile (BLOCK_D, BLOCK_M): K Q^T then multiplies as the forward's Q K^T does
+        q_t = tl.load(q_tile + qt_offs, mask=qt_mask, other=0.0)
+        do = tl.load(do_tile + do_offs, mask=do_mask, other=0.0)
+        row_max, log2_sum, delta, dlse = _load_row_stats(stats_tile + 2 * offs_m,
+                                                         delta_tile + 2 * offs_m,
+                                                         rows < seqlen_q)
         # -- P^T for this tile: (BLOCK_N, BLOCK_M) --
-        s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)
-        if MASKED:
-            # rows past seqlen_q are masked too: their q and dO were loaded as 0
-            s_t = mask_scores(s_t * qk_scale, rows[None, :], offs_n[:, None], seqlen_q,
-                              seqlen_k, mask_base, stride_mm, stride_mn, window_left,
-                              window_right, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW)
+        s_t = scores(tl.dot(k, q_t, input_precision=INPUT_PRECISION), qk_scale,
+                     rows[None, :], offs_n[:, None], seqlen_q, seqlen_k, mask_base, stride_mm,
+                     stride_mn, window_left, window_right, CAUSAL, MASK_KIND, MASK_ROW,
+                     HAS_WINDOW, MASKED)
+        if MASKED:  # rows past seqlen_q too: their q and dO were loaded as 0
             s_t = tl.where(rows[None, :] < seqlen_q, s_t, float("-inf"))
-        p_t = _probabilities(s_t, row_max[None, :], log2_sum[None, :], qk_scale, MASKED)
+        p_t = _probabilities(s_t, row_max[None, :], log2_sum[None, :])
         dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
         if DROPOUT:
             # the forward's mask, regenerated: dV = Z^T dO with Z = keep * P / (1 - p),
@@ -142,12 +155,12 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, stride_
             z_t = p_t
         dv = tl.dot(z_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
         # -- dS^T = P^T * (dP^T - delta), scaled before the product as autograd does --
-        ds_t = p_t * (dp_t - delta[None, :]) * sm_scale
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
+        ds_t = _score_grads(p_t, dp_t, delta[None, :], dlse[None, :]) * sm_scale
+        dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=INPUT_PRECISION)
         q_tile += q_step
         do_tile += do_step
         stats_tile += 2 * BLOCK_M
-        delta_tile += BLOCK_M
+        delta_tile += 2 * BLOCK_M
     return dk, dv
 
 
@@ -188,7 +201,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, STATS, DELTA, MASK, CU_Q, CU_K, DK, DV, sm_scale
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634  # log2(e)
-    q_offs = offs_m[:, None] * stride_qm + offs_d[None, :]
+    qt_offs = offs_m[None, :] * stride_qm + offs_d[:, None]
     do_offs = offs_m[:, None] * stride_dom + offs_d[None, :]
 
     # -- query range. Without masks or a window: [lo, mid) masked (causal diagonal),
@@ -214,7 +227,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, STATS, DELTA, MASK, CU_Q, CU_K, DK, DV, sm_scale
         mask_base = MASK + off_b * stride_mb + off_h * stride_mh
         off_bh = off_b * num_heads_kv * group_size + off_h
         stats_base = STATS + 2 * (off_bh * row_stride + q_start)
-        delta_base = DELTA + off_bh * row_stride + q_start
+        delta_base = DELTA + 2 * (off_bh * row_stride + q_start)
         rng_base, rng_row_stride = dropout_origin(off_bh, seqlen_q, seqlen_k, rng_head_stride,
                                                   rng_origin, rng_total_k, VARLEN)
         # each query head's sums apart, then added: one sequential sum over the group's
@@ -223,26 +236,26 @@ def _attn_bwd_dkdv(Q, K, V, DO, STATS, DELTA, MASK, CU_Q, CU_K, DK, DV, sm_scale
         dv_h = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         if MASK_KIND != 0 or HAS_WINDOW:
             dk_h, dv_h = _attn_bwd_dkdv_inner(
-                dk_h, dv_h, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
+                dk_h, dv_h, k, v, q_base, do_base, qt_offs, do_offs, stride_qm, stride_dom,
                 stats_base, delta_base, rng_base, rng_row_stride, offs_m, offs_n, d_ok, lo, hi,
                 seqlen_q, seqlen_k, qk_scale, sm_scale, mask_base, stride_mm, stride_mn,
                 window_left, window_right, seed, dropout_p, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW,
                 DROPOUT, True, BLOCK_M, INPUT_PRECISION)
         else:
             dk_h, dv_h = _attn_bwd_dkdv_inner(
-                dk_h, dv_h, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
+                dk_h, dv_h, k, v, q_base, do_base, qt_offs, do_offs, stride_qm, stride_dom,
                 stats_base, delta_base, rng_base, rng_row_stride, offs_m, offs_n, d_ok, lo, mid,
                 seqlen_q, seqlen_k, qk_scale, sm_scale, mask_base, stride_mm, stride_mn,
                 window_left, window_right, seed, dropout_p, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW,
                 DROPOUT, True, BLOCK_M, INPUT_PRECISION)
             dk_h, dv_h = _attn_bwd_dkdv_inner(
-                dk_h, dv_h, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
+                dk_h, dv_h, k, v, q_base, do_base, qt_offs, do_offs, stride_qm, stride_dom,
                 stats_base, delta_base, rng_base, rng_row_stride, offs_m, offs_n, d_ok, mid, full,
                 seqlen_q, seqlen_k, qk_scale, sm_scale, mask_base, stride_mm, stride_mn,
                 window_left, window_right, seed, dropout_p, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW,
                 DROPOUT, False, BLOCK_M, INPUT_PRECISION)
             dk_h, dv_h = _attn_bwd_dkdv_inner(
-                dk_h, dv_h, k, v, q_base, do_base, q_offs, do_offs, stride_qm, stride_dom,
+                dk_h, dv_h, k, v, q_base, do_base, qt_offs, do_offs, stride_qm, stride_dom,
                 stats_base, delta_base, rng_base, rng_row_stride, offs_m, offs_n, d_ok, full,
                 seqlen_q_loop, seqlen_q, seqlen_k, qk_scale, sm_scale, mask_base, stride_mm,
                 stride_mn, window_left, window_right, seed, dropout_p, CAUSAL, MASK_KIND, MASK_ROW,
@@ -257,7 +270,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, STATS, DELTA, MASK, CU_Q, CU_K, DK, DV, sm_scale
 
 
 @triton.jit
-def _attn_bwd_dq_inner(dq, q, do, row_max, log2_sum, delta, k_base, v_base, k_offs, v_offs,
+def _attn_bwd_dq_inner(dq, q, do, row_max, log2_sum, delta, dlse, k_base, v_base, k_offs, v_offs,
                        stride_kn, stride_vn, offs_m, offs_n, d_ok, lo, hi, seqlen_q, seqlen_k,
                        qk_scale, mask_base, stride_mm, stride_mn, window_left, window_right,
                        seed, rng_base, rng_row_stride, dropout_p, dbias_base, stride_dbm,
@@ -283,18 +296,16 @@ def _attn_bwd_dq_inner(dq, q, do, row_max, log2_sum, delta, k_base, v_base, k_of
         # K^T and V^T tiles: (BLOCK_D, BLOCK_N)
         k_t = tl.load(k_tile + k_offs, mask=kv_mask, other=0.0)
         v_t = tl.load(v_tile + v_offs, mask=kv_mask, other=0.0)
-        s = tl.dot(q, k_t, input_precision=INPUT_PRECISION)
-        if MASKED:
-            s = mask_scores(s * qk_scale, offs_m[:, None], cols[None, :], seqlen_q, seqlen_k,
-                            mask_base, stride_mm, stride_mn, window_left, window_right,
-                            CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW)
-        p = _probabilities(s, row_max[:, None], log2_sum[:, None], qk_scale, MASKED)
+        s = scores(tl.dot(q, k_t, input_precision=INPUT_PRECISION), qk_scale, offs_m[:, None],
+                   cols[None, :], seqlen_q, seqlen_k, mask_base, stride_mm, stride_mn,
+                   window_left, window_right, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, MASKED)
+        p = _probabilities(s, row_max[:, None], log2_sum[:, None])
         dp = tl.dot(do, v_t, input_precision=INPUT_PRECISION)
         if DROPOUT:
             keep = dropout_keep(seed, rng_tile, rng_rows, offs_n[None, :], dropout_p)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
             rng_tile += BLOCK_N
-        ds = p * (dp - delta[:, None])
+        ds = _score_grads(p, dp, delta[:, None], dlse[:, None])
         # -- the gradient of an additive mask is dS itself (S = scale * q k^T + mask) --
         if BIAS_GRAD == 1:
             tl.store(dbias_tile + offs_m[:, None].to(tl.int64) * stride_dbm + offs_n[None, :],
@@ -345,8 +356,9 @@ def _attn_bwd_dq(Q, K, V, DO, STATS, DELTA, MASK, CU_Q, CU_K, DQ, DBIAS, sm_scal
     do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + row0 * stride_dom
                  + tile_m * stride_dom + offs_d[None, :], mask=tile_ok, other=0.0)
     row_base = off_bh.to(tl.int64) * row_stride + q_start
-    row_max, log2_sum, delta = _load_row_stats(STATS + 2 * (row_base + offs_m),
-                                               DELTA + row_base + offs_m, offs_m < seqlen_q)
+    row_max, log2_sum, delta, dlse = _load_row_stats(STATS + 2 * (row_base + offs_m),
+                                                     DELTA + 2 * (row_base + offs_m),
+                                                     offs_m < seqlen_q)
     k_base = K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn
     v_base = V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vn
     k_offs = offs_n[None, :] * stride_kn + offs_d[:, None]
@@ -366,7 +378,7 @@ def _attn_bwd_dq(Q, K, V, DO, STATS, DELTA, MASK, CU_Q, CU_K, DQ, DBIAS, sm_scal
         lo, hi = key_range(start_m, seqlen_k_loop, window_left, window_right,
                            CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
         dq = _attn_bwd_dq_inner(
-            dq, q, do, row_max, log2_sum, delta, k_base, v_base, k_offs, v_offs, stride_kn,
+            dq, q, do, row_max, log2_sum, delta, dlse, k_base, v_base, k_offs, v_offs, stride_kn,
             stride_vn, offs_m, offs_n, d_ok, lo, hi, seqlen_q, seqlen_k, qk_scale, mask_base,
             stride_mm, stride_mn, window_left, window_right, seed, rng_base, rng_row_stride,
             dropout_p, dbias_base, stride_dbm, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT,
@@ -375,13 +387,13 @@ def _attn_bwd_dq(Q, K, V, DO, STATS, DELTA, MASK, CU_Q, CU_K, DQ, DBIAS, sm_scal
         # -- key range, as in the forward: [0, full) unmasked, [full, hi) masked --
         full, hi = unmasked_key_split(start_m, seqlen_k_loop, CAUSAL, BLOCK_M, BLOCK_N)
         dq = _attn_bwd_dq_inner(
-            dq, q, do, row_max, log2_sum, delta, k_base, v_base, k_offs, v_offs, stride_kn,
+            dq, q, do, row_max, log2_sum, delta, dlse, k_base, v_base, k_offs, v_offs, stride_kn,
             stride_vn, offs_m, offs_n, d_ok, 0, full, seqlen_q, seqlen_k, qk_scale, mask_base,
             stride_mm, stride_mn, window_left, window_right, seed, rng_base, rng_row_stride,
             dropout_p, dbias_base, stride_dbm, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT,
             BIAS_GRAD, False, BLOCK_N, INPUT_PRECISION)
         dq = _attn_bwd_dq_inner(
-            dq, q, do, row_max, log2_sum, delta, k_base, v_base, k_offs, v_offs, stride_kn,
+            dq, q, do, row_max, log2_sum, delta, dlse, k_base, v_base, k_offs, v_offs, stride_kn,
             stride_vn, offs_m, offs_n, d_ok, full, hi, seqlen_q, seqlen_k, qk_scale, mask_base,
             stride_mm, stride_mn, window_left, window_right, seed, rng_base, rng_row_stride,
             dropout_p, dbias_base, stride_dbm, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, DROPOUT,
@@ -416,7 +428,7 @@ def attention_backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Ten
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     block_d = padded_head_dim(head_dim)
     precision = input_precision(q.dtype)
-    delta = torch.empty(stats.shape[:3], device=q.device, dtype=torch.float32)
+    delta = torch.empty(stats.shape, device=q.device, dtype=torch.float32)  # (delta, dlse)
     if dlse is not None:
         dlse = dlse.to(torch.float32).contiguous()
 

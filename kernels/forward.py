@@ -27,7 +27,7 @@ from .masking import (
     dropout_seed,
     head_dim_mask,
     key_range,
-    mask_scores,
+    scores,
     sequence_bounds,
     unmasked_key_split,
 )
@@ -59,12 +59,11 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn,
         else:
             k_t = tl.load(k_tile + k_offs, mask=d_ok[:, None], other=0.0)
         # The scale is not folded into exp2's argument (max(qk) * scale, then one FMA per
-        # score): at D=128 with 128x128 tiles ptxas then spills (24 bytes), scaled it doesn't.
-        qk = tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale
-        if MASKED:
-            qk = mask_scores(qk, offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, mask_base,
-                             stride_mm, stride_mn, window_left, window_right,
-                             CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW)
+        # score): the backward could not recompute those bits, and at D=128 with 128x128
+        # tiles ptxas then spills (24 bytes).
+        qk = scores(tl.dot(q, k_t, input_precision=INPUT_PRECISION), qk_scale, offs_m[:, None],
+                    cols[None, :], seqlen_q, seqlen_k, mask_base, stride_mm, stride_mn,
+                    window_left, window_right, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW, MASKED)
         # -- online softmax; a row that has seen no key keeps m = -inf and l = 0 --
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)

@@ -1,6 +1,6 @@
-"""Which (query, key) pairs a score tile may use: bounds, causal, sliding window, attn_mask;
-which ones attention dropout keeps; and, for packed sequences, where a
-program's sequence lies.
+"""A score tile's arithmetic, and which (query, key) pairs it may use: bounds, causal,
+sliding window, attn_mask; which ones attention dropout keeps; and, for packed
+sequences, where a program's sequence lies.
 
 Shared by the forward and both backward kernels. Tiles are given by two
 broadcastable 2-D index tensors, rows (query positions) and cols (key
@@ -21,6 +21,25 @@ is the whole problem (offsets 0, totals the call's own lengths).
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def scores(qk, qk_scale, rows, cols, seqlen_q, seqlen_k, mask_base, stride_mm, stride_mn,
+           window_left, window_right,
+           CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
+           HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr):
+    """A tile's scores in the log2 domain from its products qk = q k^T: one rounded
+    multiply by qk_scale, then the masks where MASKED. Every kernel computes its scores
+    here from the same products (Q K^T, or K Q^T: the same pairs in the same order), so
+    the backward recomputes the forward's scores bit for bit. On masked tiles the select
+    keeps the product rounded, so the key holding a row's max gives s - max = 0 exactly;
+    on unmasked ones LLVM contracts the multiply into that subtraction (an FMA), alike in
+    all three kernels (without contraction ptxas spills the forward on sm_90a)."""
+    s = qk * qk_scale
+    if MASKED:
+        s = mask_scores(s, rows, cols, seqlen_q, seqlen_k, mask_base, stride_mm, stride_mn,
+                        window_left, window_right, CAUSAL, MASK_KIND, MASK_ROW, HAS_WINDOW)
+    return s
 
 
 @triton.jit
