@@ -107,12 +107,15 @@ def test_quantized_storage_is_exact_on_mixed_and_unequal_plans(storage, layers, 
     assert_exact(cfg, torch.bfloat16, policy, storage, **options)
 
 
-@pytest.mark.parametrize("policy", ["none", "full", "selective"])
+@pytest.mark.parametrize("policy, storage", [("none", "device"), ("full", "device"),
+                                             ("selective", "device"), ("full", "int8"),
+                                             ("sqrt", "fp8")])
 @pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
-def test_float64_statistics_are_float64(policy, norm):
-    """The norms' and attention's row statistics of float64 activations are float64."""
+def test_float64_statistics_are_float64(policy, storage, norm):
+    """The norms' and attention's row statistics of float64 activations are float64, and
+    so is the row maximum int8/fp8 keep per token."""
     cfg = ckpt_attn.TransformerConfig(num_layers=4, hidden_size=128, num_heads=4, norm=norm)
-    assert_exact(cfg, torch.float64, policy)
+    assert_exact(cfg, torch.float64, policy, storage)
 
 
 def test_estimate_budget_policy_agrees_with_measure():

@@ -6,11 +6,16 @@
   memory, pinned and asynchronous on CUDA, and brought back in the backward.
   Tensors already on the CPU stay where they are.
 - "int8" / "fp8": the hidden state a recomputed segment keeps (its input) is
-  quantized per row (last dim) with an fp32 scale per row. int8: round(x / s),
-  s = max|row| / 127, so each element is off by at most max|row| / 254. fp8
-  (float8_e4m3fn, 3 mantissa bits): s = max|row| / 448, each element off by at most
-  2^-4 of its own magnitude (plus s * 2^-9 near zero). The segment runs on the
-  dequantized input, in its forward and in its recomputation alike, so its output
+  quantized per row (last dim), keeping a code per element and the row's largest
+  magnitude m = max|row| (float32; float64 for float64 inputs, whose range float32
+  does not cover). int8: code round(x / m * 127), back as code / 127 * m, so each
+  element is off by at most m / 254. fp8 (float8_e4m3fn, 3 mantissa bits): code
+  x / m * 448 in float8, back as code / 448 * m, each element off by at most 2^-4 of
+  its own magnitude (plus m / 448 * 2^-9 near zero). Both bounds hold for rows of any
+  magnitude, subnormal ones included (x is divided by m itself, never by a scale
+  that could underflow), up to the rounding of the result to x's dtype (at most one
+  unit in the last place of m). A row of zeros comes back as zeros. The segment runs
+  on the dequantized input, in its forward and in its recomputation alike, so its output
   carries that error and the gradients are exactly those of the output computed
   (eager and compiled agree). The gradient reaches the segment's input unchanged. A
   row holding inf or NaN comes back as NaN.
@@ -65,12 +70,14 @@ def stored_input_hooks(x_hat: torch.Tensor, stored: tuple[torch.Tensor, ...]):
 
 
 def quantize(x: torch.Tensor, storage: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes, per-row fp32 scales) for "int8" or "fp8"."""
+    """(codes, each row's max|row|) for "int8" or "fp8" (see the module docstring)."""
     code_dtype, top = _QUANTIZED[storage]
-    scale = x.detach().abs().amax(-1, keepdim=True).float().clamp(min=1e-30) / top
-    codes = x.detach().float() / scale
+    values = x.detach().to(torch.promote_types(x.dtype, torch.float32))
+    row_max = values.abs().amax(-1, keepdim=True)
+    # a row of zeros divides by 1 (its codes are 0); NaN and inf stay, to make NaN
+    codes = values / torch.where(row_max == 0, 1, row_max) * top
     codes = codes.round().to(code_dtype) if storage == "int8" else codes.to(code_dtype)
-    return codes, scale
+    return codes, row_max
 
 
 def stored_form(x: torch.Tensor, storage: str) -> tuple[torch.Tensor, ...]:
@@ -91,8 +98,10 @@ def _from_stored(stored: tuple[torch.Tensor, ...], dtype: torch.dtype,
                  device: torch.device) -> torch.Tensor:
     if len(stored) == 1:  # a host copy
         return stored[0].to(device, non_blocking=True)
-    codes, scale = stored
-    return (codes.float() * scale).to(dtype)
+    codes, row_max = stored
+    top = _QUANTIZED["int8" if codes.dtype == torch.int8 else "fp8"][1]
+    # code / top is in [-1, 1]: times m, it neither overflows nor underflows early
+    return codes.to(row_max.dtype).div_(top).mul_(row_max).to(dtype)
 
 
 class _Restore(torch.autograd.Function):

@@ -187,8 +187,8 @@ def estimate(cfg: TransformerConfig, *, batch: int, seq: int, policy: str = "non
     else:
         segments = chosen.segments(cfg.num_layers, policy_options)
     plan = plan_cost(costs, segments, final_norm, norm_transient)
-    # int8/fp8: a byte per element and an fp32 scale per token
-    quantized_input = batch * local * (cfg.hidden_size + 4)
+    # int8/fp8: a byte per element and each token's max|row| (float32, float64 for float64)
+    quantized_input = batch * local * (cfg.hidden_size + _statistics_dtype(dtype).itemsize)
     kept, peak, offloaded = _stored(plan, costs, storage, final_norm, norm_transient,
                                     quantized_input)
     ring = _ring_bytes(cfg, batch, local, dtype, context_parallel)
