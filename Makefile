@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 # `python -m` or `-c` puts the working directory on sys.path; pytest adds only tests/.
 export PYTHONSAFEPATH := 1
 
-.PHONY: install test wheel-check fuzz bench lint gpu-check codegen tune clean
+.PHONY: install test package-check fuzz bench lint gpu-check codegen tune clean
 
 install: $(STAMP)
 
@@ -36,12 +36,14 @@ test: install
 # The package as pip users get it (CI runs this after make test): the wheel, installed with
 # its hf and plot extras into a clean venv outside the checkout, its commands run from an
 # empty folder: --help, an estimate, the Hugging Face integration's import, and both
-# benchmarks at their smallest shapes (--smoke), which must write their results.
-WHEEL_DIR := build/wheel
-wheel-check: install
-	rm -rf $(WHEEL_DIR)
-	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w $(WHEEL_DIR) .
-	wheel=$$(realpath $(WHEEL_DIR)/ckpt_attn-*.whl); dir=$$(mktemp -d); \
+# benchmarks at their smallest shapes (--smoke), which must write their results. Then the
+# sdist, unpacked elsewhere: its own `make test` collects every test.
+DIST_DIR := build/dist
+package-check: install
+	rm -rf $(DIST_DIR)
+	$(PY) -m pip install -q build
+	$(PY) -m build -q --no-isolation --sdist --wheel -o $(DIST_DIR) .
+	wheel=$$(realpath $(DIST_DIR)/ckpt_attn-*.whl); dir=$$(mktemp -d); \
 	trap 'rm -rf "$$dir"' EXIT; cd "$$dir"; \
 	python3 -m venv venv; \
 	venv/bin/python -m pip install -q torch==2.13.0; \
@@ -52,6 +54,9 @@ wheel-check: install
 		print('ckpt_attn.integrations.transformers imports; kernels is', kernels.__file__)"; \
 	venv/bin/ckpt-attn bench --smoke --out results; \
 	ls results; test -s results/cpu_results.md && test -s results/policies.md
+	sdist=$$(realpath $(DIST_DIR)/ckpt_attn-*.tar.gz); dir=$$(mktemp -d); \
+	trap 'rm -rf "$$dir"' EXIT; tar xzf "$$sdist" -C "$$dir"; \
+	$(MAKE) -C "$$dir"/ckpt_attn-* test PYTEST_ARGS="--collect-only -q" | tail -1
 
 # The property tests of tests/test_fuzz.py with FUZZ_EXAMPLES problems each (make test
 # draws a few dozen): per backend, that many problems against the float64 reference.
@@ -61,11 +66,13 @@ fuzz: install
 	CKPT_ATTN_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q --hypothesis-show-statistics \
 		tests/test_fuzz.py $(PYTEST_ARGS)
 
-# The attention op, then the checkpoint policies' trade-off (benchmarks/results/
-# policies.md, .csv, .png; about 20 CPU-minutes on the CPU, most of it seven inductor
-# compiles).
+# The attention op, then the checkpoint policies' trade-off (policies.md, .csv, .png; about
+# 20 CPU-minutes on the CPU, most of it seven inductor compiles). Results go to a fresh
+# folder, results/<date-time>/ (not tracked); BENCH_OUT=benchmarks/results refreshes the
+# committed ones.
+BENCH_OUT ?= results/$(shell date +%Y%m%d-%H%M%S)
 bench: install
-	$(VENV)/bin/ckpt-attn bench --out benchmarks/results
+	$(VENV)/bin/ckpt-attn bench --out $(BENCH_OUT)
 
 lint: install
 	$(PY) -m pip install -q "ruff>=0.5"

@@ -17,9 +17,7 @@ from pathlib import Path
 
 import pytest
 
-import ckpt_attn
-
-ROOT = Path(ckpt_attn.__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]  # the checkout (or unpacked sdist)
 PACKAGES = sorted(path.parent.name for path in ROOT.glob("*/__init__.py"))
 """The checkout's top-level folders that are Python packages."""
 
@@ -101,3 +99,14 @@ def test_the_wheel_ships_the_benchmarks_and_kernels_inside_ckpt_attn(wheel):
     assert tops == {"ckpt_attn"}, tops  # no top-level kernels/, benchmarks/ or tests/
     entry_points = next(name for name in names if name.endswith("entry_points.txt"))
     assert "ckpt-attn = ckpt_attn.cli:main" in wheel.read(entry_points).decode()
+    assert "ckpt_attn/py.typed" in names
+
+
+def test_the_wheel_carries_its_license_and_classifiers(wheel):
+    names = wheel.namelist()
+    metadata = wheel.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert "License: Apache-2.0" in metadata
+    assert "Classifier: Programming Language :: Python :: 3.10" in metadata
+    assert "Classifier: Typing :: Typed" in metadata
+    (license_file,) = [n for n in names if n.endswith("LICENSE")]
+    assert b"Apache License" in wheel.read(license_file)
