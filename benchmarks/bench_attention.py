@@ -24,7 +24,7 @@ CUDA GPU.
 Results go under --out (default ./ckpt-attn-results): with CUDA summary.md,
 gpu_throughput.csv, gpu_throughput.md and gpu_memory.md (plus perf_report's
 per-plot CSV and PNG files when pandas and matplotlib are installed); without
-CUDA cpu_results.md.
+CUDA cpu_results.md and cpu_results.png (with matplotlib).
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ import ckpt_attn
 from ckpt_attn.ops import visible_pairs
 
 from . import add_common_arguments, apply_threads
+from .attention_plot import write_cpu_plot
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 MODES = ("fwd", "fwd_bwd")
@@ -455,6 +456,8 @@ def run_cpu(out_dir: Path, sizes: CpuSizes) -> str:
     saved = saved_bytes_table(sizes.saved_seqlens, **dims)
     flops = flop_count_table(sizes.flop_seqlen, **dims)
     report = cpu_report(sizes, timings, saved, flops)
+    if write_cpu_plot(timings, saved, out_dir / "cpu_results.png"):
+        report += "\n![time against SDPA and bytes kept](cpu_results.png)\n"
     (out_dir / "cpu_results.md").write_text(report)
     print("\n" + report)
     return report

@@ -176,13 +176,13 @@ def _loss_function(model: torch.nn.Module, hf: bool) -> Callable[[torch.Tensor],
 def run(shapes: Shapes, device: torch.device, *, hf: bool = True, progress: bool = True
         ) -> tuple[list[PolicyRow], dict]:
     """Measure every case; returns the rows and the context the report needs (shapes,
-    budgets, the planner's front)."""
+    budgets)."""
     x = torch.randn(shapes.batch, shapes.seq, shapes.hidden_size, device=device,
                     dtype=shapes.dtype)
     model = our_model(shapes, device)
-    budgets, front = _our_budgets(model, x, shapes)
+    budgets = _our_budgets(model, x, shapes)
     runs = _prepare(our_cases(shapes, budgets, device), model, x, shapes, progress)
-    context = {"shapes": shapes, "device": device, "budgets": budgets, "front": front}
+    context = {"shapes": shapes, "device": device, "budgets": budgets}
     if hf:
         try:
             llama = hf_model(shapes, device)
@@ -197,22 +197,16 @@ def run(shapes: Shapes, device: torch.device, *, hf: bool = True, progress: bool
     return [row for _, row in runs], context
 
 
-def _our_budgets(model, x, shapes: Shapes) -> tuple[list[int], list[tuple[int, int]]]:
+def _our_budgets(model, x, shapes: Shapes) -> list[int]:
     """The budgets at shapes.budget_fractions of [least reachable peak, none's peak], as
-    the "budget" policy's planner sees the model; and the planner's front: (peak,
-    recompute FLOPs) of the plan chosen at 24 budgets across that range."""
+    the "budget" policy's planner sees the model."""
     costs = layer_costs(model.layers, x)
     base = tail_cost(model.norm, x)
     lowest = min_peak(costs, *base)
     # none on every layer (plan_layers(inf) would pick "selective", whose recompute has
     # no matmul FLOPs, so the planner's model counts it as free)
     highest = plan_cost(costs, POLICIES["none"].segments(len(costs), {}), *base).peak_bytes
-    budgets = [int(lowest + f * (highest - lowest)) for f in shapes.budget_fractions]
-    front = []
-    for i in range(25):
-        chosen = plan_layers(costs, lowest + i * (highest - lowest) / 24, *base)
-        front.append((chosen.peak_bytes, chosen.recompute_flops))
-    return budgets, front
+    return [int(lowest + f * (highest - lowest)) for f in shapes.budget_fractions]
 
 
 def _hf_budgets(llama, x):

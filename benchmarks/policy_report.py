@@ -1,5 +1,5 @@
 """bench_policies' results: policies.csv (every row), policies.md (the tables and what
-they say) and policies.png (step time against peak memory).
+they say) and policies.png (step time and recompute against kept memory).
 
 The matched-memory comparison: three memory levels at 25%, 50% and 75% of the way from
 the least activation memory any case kept to what "none" keeps (allocator_kept: the
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import math
 import os
 import platform
@@ -120,7 +121,7 @@ def markdown(rows: list, context: dict, plotted: bool) -> str:
         "inductor compiled, less those of compiled `none` under torch's default budget.", "",
     ]
     if plotted:
-        parts += ["![step time against peak memory](policies.png)", ""]
+        parts += ["![step time and recompute against kept memory](policies.png)", ""]
     for family, title in (("eager", "Every policy, eager"),
                           ("compiled", "torch.compile: torch's solver and our policies"),
                           ("hf", "Hugging Face Llama")):
@@ -281,10 +282,18 @@ def chapter_points(num_layers: int) -> list[tuple[str, float, float]]:
             ("selective", 0.5, 3.5 / 3)]
 
 
+PLANNER_MARKERS = {"ours, eager": "o", "ours, compiled": "s", "torch's solver": "^",
+                   "HF gradient_checkpointing": "D", "ours on the HF Llama": "v"}
+POLICY_MARKERS = "os^Dv<>pPX*hH8d"
+CHAPTER_MARKERS = "x+123"
+
+
 def write_plot(rows: list, context: dict, path: Path) -> bool:
-    """Step time against memory: left, eager policies (measure's peak) with the planner's
-    predicted front and the chapter's points; right, every planner's cases against the
-    bytes they keep (allocator). False (and nothing written) without matplotlib."""
+    """Three panels, every one against the bytes kept between forward and backward (the
+    allocator's): our eager policies' step time, each case its own marker; every
+    planner's step time; every planner's recompute, with the chapter's claims. Each
+    marker is in a legend, no point is labelled in place. False (and nothing written)
+    without matplotlib."""
     try:
         import matplotlib
 
@@ -292,43 +301,52 @@ def write_plot(rows: list, context: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    none = baseline(rows, "eager")
-    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 6))
-    eager = [r for r in rows if r.family == "eager" and not r.error and r.step_ratio]
-    left.scatter([r.peak_bytes / MIB for r in eager], [r.step_ratio for r in eager],
-                 label="measured (measure's peak)")
-    for r in eager:
-        left.annotate(r.label, (r.peak_bytes / MIB, r.step_ratio), fontsize=7)
-    if none is not None and none.step_flops:
-        front = sorted(context.get("front", []))
-        left.plot([p / MIB for p, _ in front], [1 + f / none.step_flops for _, f in front],
-                  "k--", label="planner's predicted front (FLOP ratio)")
-        points = chapter_points(context["shapes"].num_layers)
-        left.scatter([f * none.peak_bytes / MIB for _, f, _ in points],
-                     [t for *_, t in points], marker="x", color="red",
-                     label="the chapter's claims")
-        for name, f, t in points:
-            left.annotate(f"chapter {name}", (f * none.peak_bytes / MIB, t), fontsize=7,
-                          color="red")
-    left.set(xlabel="peak activation MiB (measure)", ylabel="step time / none",
-             title="Eager policies")
-    left.legend(fontsize=8)
-    styles = {"ours, eager": "o", "ours, compiled": "s", "torch's solver": "^",
-              "HF gradient_checkpointing": "D", "ours on the HF Llama": "v"}
+    fig, (ours, time, recompute) = plt.subplots(1, 3, figsize=(19, 6.5))
+    eager = [r for r in planners(rows)["ours, eager"] + [
+        r for r in rows if r.family == "eager" and r.storage != "device" and not r.error]
+        if r.allocator_kept is not None and r.step_ratio]
+    for r, marker in zip(eager, itertools.cycle(POLICY_MARKERS)):
+        ours.scatter([r.allocator_kept / MIB], [r.step_ratio], marker=marker, s=45,
+                     label=r.label)
+    ours.set(title="Our policies, eager (ckpt_attn.Transformer)", ylabel="step time / none")
+    ours.legend(fontsize=7, ncol=2)
     for name, group in planners(rows).items():
-        shown = [r for r in group if r.allocator_kept is not None
-                 and (r.eager_ratio or r.step_ratio)]
-        right.scatter([r.allocator_kept / MIB for r in shown],
-                      [r.eager_ratio or r.step_ratio for r in shown], marker=styles[name],
-                      label=name)
-    right.set(xlabel="kept between forward and backward, MiB (allocator)",
-              ylabel="step time / eager none (HF: / HF none)",
-              title="Every planner")
-    right.legend(fontsize=8)
+        shown = [r for r in group if r.allocator_kept is not None]
+        timed = [r for r in shown if r.eager_ratio or r.step_ratio]
+        time.scatter([r.allocator_kept / MIB for r in timed],
+                     [r.eager_ratio or r.step_ratio for r in timed],
+                     marker=PLANNER_MARKERS[name], s=45, label=name)
+        counted = [(r.allocator_kept / MIB, _percent_of_step(rows, r)) for r in shown]
+        counted = [(x, y) for x, y in counted if y is not None]
+        if counted:
+            recompute.scatter(*zip(*counted, strict=True), marker=PLANNER_MARKERS[name], s=45,
+                              label=name)
+    time.set(title="Every planner: step time",
+             ylabel="step time / none (Transformer: eager none; HF Llama: HF none)")
+    time.legend(fontsize=8)
+    none = baseline(rows, "eager")
+    if none is not None and none.allocator_kept:
+        for (name, f, t), marker in zip(chapter_points(context["shapes"].num_layers),
+                                        CHAPTER_MARKERS, strict=True):
+            recompute.scatter([f * none.allocator_kept / MIB], [100 * (t - 1)],
+                              marker=marker, color="black", s=70, label=f"chapter: {name}")
+    recompute.set(title="Every planner: recompute",
+                  ylabel="recompute, % of the step's FLOPs without it")
+    recompute.legend(fontsize=8)
+    for ax in (ours, time, recompute):
+        ax.set_xlabel("kept between forward and backward, MiB (allocator)")
+        ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def _percent_of_step(rows: list, row) -> float | None:
+    total = step_flops(rows, row.family)
+    if row.recompute_flops is None or not total:
+        return None
+    return 100 * row.recompute_flops / total
 
 
 # ------------------------------------------------------------------------ formatting
