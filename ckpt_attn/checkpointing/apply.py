@@ -28,6 +28,12 @@ have forward hooks and are not managed by fully_shard (on a managed one, any hoo
 of the user's run again too). A layer whose forward is already an instance attribute
 (another wrapper's) is refused too.
 
+In-place layers: a recomputed segment keeps its input to run again from it, so a first
+layer with ``inplace = True`` (nn.ReLU(inplace=True) and the like) runs on a copy made
+inside the checkpointed region; a first layer that modifies its input in place without
+saying so gets a RuntimeError naming it in the forward (not torch's version error in
+the backward).
+
 Keyword arguments pass to every layer unchanged (Hugging Face decoder layers take
 masks, position embeddings and ids so), but for the KV cache: a recomputed layer would
 extend it a second time, so with grad enabled it runs with use_cache=False and no cache,
@@ -178,16 +184,27 @@ class SegmentRun:
     def __init__(self, layers: list[nn.Module], mode: str, storage: str, start: int):
         self.layers, self.mode, self.storage, self.start = layers, mode, storage, start
         self.running = False  # whether the model's call of the first layer runs it now
+        # A recomputed segment keeps its input to run again from it: a first layer that
+        # works in place (nn.ReLU(inplace=True) and the like) runs on a copy, made inside
+        # the checkpointed region, so the kept input stays as it was.
+        self.copies_input = mode != "none" and getattr(layers[0], "inplace", False) is True
 
     def __call__(self, x, *args, **kwargs):
         grouped = len(self.layers) > 1
         if grouped:
             self._check_group(x)
         self.running = True  # set and cleared outside the checkpointed region
+        version = x._version if self._checks_version(x) else None
         try:
             out, inner = self._run(x, args, kwargs)
         finally:
             self.running = False
+        if version is not None and x._version != version:
+            raise RuntimeError(f"{self.name(0)} modified its input in place, and checkpoint "
+                               f"policy mode {self.mode!r} keeps that input to recompute the "
+                               f"layer from it in the backward; make the layer work out of "
+                               f"place (or give it an `inplace = True` attribute, and it runs "
+                               f"on a copy), or leave it unrecomputed (policy 'none')")
         if not grouped:
             return out
         if not isinstance(out, torch.Tensor):
@@ -228,6 +245,12 @@ class SegmentRun:
                                  f"segment of several layers (uniform/sqrt/budget) would run "
                                  f"again when it recomputes the segment; remove them or use "
                                  f"every=1 (FSDP2's own hooks are fine)")
+
+    def _checks_version(self, x) -> bool:
+        """Whether to check that the segment leaves its input unmodified: a recomputed
+        segment's tensor input, outside torch.compile's tracing."""
+        return (self.mode != "none" and not self.copies_input and isinstance(x, torch.Tensor)
+                and torch.is_grad_enabled() and not torch.compiler.is_compiling())
 
     def calls_itself(self) -> bool:
         """Whether a call of a later layer on a plain tensor comes from the segment: its
@@ -297,6 +320,8 @@ class SegmentRun:
         inner = []
         for position, layer in enumerate(self.layers):
             if position == 0:
+                if self.copies_input and isinstance(x, torch.Tensor):
+                    x = x.clone()
                 x = self._run_first(layer, x, args, kwargs)
                 continue
             if not isinstance(x, torch.Tensor):
