@@ -56,6 +56,7 @@ from .validation import (
     check_mask,
     check_max_seqlen,
     check_qkv,
+    check_transforms,
     check_window,
     resolve_scale,
 )
@@ -226,6 +227,27 @@ def _backward(ctx, do, dstats):
 
 
 _attention_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def refuse_double_backward(op: str, instead: str):
+    """(backward, setup_context) to register as the autograd of a backward op; the
+    backward raises: the gradient of a gradient (create_graph=True, then
+    a second backward) through `op` gets a RuntimeError naming it and what to use
+    instead, not torch's message about a missing formula. A first backward with
+    create_graph=True still works."""
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{op} has no double backward: its gradient is a fused kernel "
+                           f"(attention_backward) with no derivative of its own, so the "
+                           f"gradient of a gradient taken with create_graph=True cannot go "
+                           f"through it; {instead}")
+
+    return backward, lambda ctx, inputs, output: None
+
+
+_refusal, _no_context = refuse_double_backward(
+    "ckpt_attn.attention", "for second derivatives use "
+    "torch.nn.functional.scaled_dot_product_attention (its math backend has them)")
+_attention_backward.register_autograd(_refusal, setup_context=_no_context)
 _AUTOCAST_LIB = torch.library.Library(_LIB, "FRAGMENT")
 
 
@@ -382,6 +404,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     q, k, v, attn_mask = autocast_inputs(q, k, v, attn_mask)
     check_qkv(q, k, v)
+    check_transforms("ckpt_attn.attention", q, k, v, attn_mask)
     scale = resolve_scale(scale, q.shape[-1])
     check_mask(attn_mask, q, k)
     causal = check_flag(causal, "causal")
@@ -429,6 +452,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     # (total, H, D) -> (1, H, total, D) views: the batched kernels' layout, no copy
     q4, k4, v4 = (t.unsqueeze(0).transpose(1, 2) for t in (q, k, v))
     check_qkv(q4, k4, v4)
+    check_transforms("ckpt_attn.attention_varlen", q, k, v)
     max_seqlen_q = check_max_seqlen(max_seqlen_q, "max_seqlen_q", q.shape[0])
     max_seqlen_k = check_max_seqlen(max_seqlen_k, "max_seqlen_k", k.shape[0])
     check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, "max_seqlen_q", q)

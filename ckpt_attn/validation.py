@@ -249,3 +249,31 @@ def _shown(value) -> str:
     """repr(value), cut short: an error message quoting a 400-digit int stays readable."""
     text = repr(value)
     return text if len(text) <= 40 else f"{text[:37]}..."
+
+
+_TRANSFORMS_REFUSED = (torch._C._functorch.TransformType.Grad,
+                       torch._C._functorch.TransformType.Jvp)
+
+
+def check_transforms(op: str, *tensors: torch.Tensor | None) -> None:
+    """Refuse torch.func's grad and jvp transforms (grad, vjp, jacrev, jacfwd, hessian,
+    jvp) and forward-mode AD around the op named `op`: its gradient is a torch.library
+    custom op's registered autograd, which those transforms cannot run (torch.func.grad
+    fails inside torch, jvp and dual tensors would get zero tangents). vmap is left to
+    run (torch's per-example fallback). Not checked while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return
+    stack = torch._C._functorch.get_interpreter_stack() or ()
+    transform = next((i.key() for i in stack if i.key() in _TRANSFORMS_REFUSED), None)
+    dual = torch.autograd.forward_ad._current_level >= 0 and any(
+        t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None
+        for t in tensors)
+    if transform is not None or dual:
+        how = f"torch.func's {transform.name.lower()} transform" if transform is not None \
+            else "forward-mode AD (a dual tensor input)"
+        raise RuntimeError(
+            f"{op} does not support {how}: its backward is a custom op's registered autograd, "
+            f"which torch.func.grad, vjp, jacrev, jacfwd, hessian and jvp cannot differentiate "
+            f"(jvp would give zero tangents). For gradients use torch.autograd.grad or "
+            f".backward() (torch.func.vmap works); where you need these transforms use "
+            f"torch.nn.functional.scaled_dot_product_attention")
