@@ -56,6 +56,13 @@ ATTENTION_CASES = [
 TRITON_CASE = ("zigzag-causal-gqa-triton", "zigzag", True, (1, 4, 2, 16), "triton", False,
                True)
 POLICIES = ("none", "full", "selective")
+# an argument, and what rank r passes for it (ranks 0 and 1 of a group always differ)
+DISAGREEMENTS = {
+    "causal": lambda rank: {"causal": rank % 2 == 0},
+    "dropout_p": lambda rank: {"dropout_p": 0.1 if rank == 0 else 0.0},
+    "scale": lambda rank: {"scale": 0.5 if rank == 1 else None},
+    "q.shape": lambda rank: {"heads": 2 if rank == 1 else 4},
+}
 
 
 def case_names(world_size: int) -> list[str]:
@@ -63,6 +70,8 @@ def case_names(world_size: int) -> list[str]:
     names = ["shard-unshard", "indivisible-length"]
     names += [c[0] for c in attention_cases(world_size)]
     names += ["dropout-zigzag", "dropout-contiguous", "deterministic", "bytes-sent"]
+    names += [f"disagree-{argument}" for argument in DISAGREEMENTS]
+    names += ["no-double-backward", "no-func-grad"]
     names += [f"transformer-zigzag-{p}" for p in POLICIES] + ["transformer-contiguous-none"]
     names += [f"memory-{p}" for p in POLICIES]
     if world_size == WORLD_SIZE:
@@ -211,6 +220,65 @@ def _cp_step(group, layout="zigzag", seed=2):
     o = context_parallel_attention(q, k, v, group=group, causal=True, layout=layout,
                                    backend="torch")
     return torch.autograd.grad(o, (q, k, v), _shard(torch.randn(2, 4, seq, 8), layout))
+
+
+def check_disagreement(group, argument):
+    """Ranks passing different values of one argument: every rank raises a ValueError
+    naming it, before any transfer of the ring (a transfer left unpaired would hang the
+    ranks until the collective timeout), and the group works afterwards."""
+    rank, seq = dist.get_rank(group), seq_len(dist.get_world_size(group))
+    options = DISAGREEMENTS[argument](rank)
+    heads = options.pop("heads", 4)
+    q, k, v = (torch.randn(2, h, seq // dist.get_world_size(group), 8, requires_grad=True)
+               for h in (heads, 2, 2))
+    start = time.perf_counter()
+    try:
+        context_parallel_attention(q, k, v, group=group, backend="torch",
+                                   **{"causal": True} | options)
+    except ValueError as error:
+        message = str(error)
+        assert f"disagree on {argument}" in message and "rank 1:" in message, message
+    else:
+        raise AssertionError(f"ranks disagreeing on {argument} were not refused")
+    seconds = time.perf_counter() - start
+    assert seconds < COLLECTIVE_TIMEOUT_S / 2, f"refused only after {seconds:.1f} s"
+    _cp_step(group)  # the ring still pairs up
+    return {"refused_in_s": seconds}
+
+
+def check_no_double_backward(group):
+    """create_graph=True works; the gradient of that gradient is refused by name."""
+    q, k, v = _cp_inputs(group)
+    o = context_parallel_attention(q, k, v, group=group, causal=True, backend="torch")
+    (dq,) = torch.autograd.grad(o.sum(), q, create_graph=True)
+    try:
+        dq.sum().backward()
+    except RuntimeError as error:
+        message = str(error)
+        assert "context_parallel_attention has no double backward" in message, message
+        assert "scaled_dot_product_attention" in message, message
+        return {}
+    raise AssertionError("a double backward through ring attention was not refused")
+
+
+def check_no_func_grad(group):
+    """torch.func.grad over ring attention is refused by name, before any transfer."""
+    q, k, v = _cp_inputs(group)
+    try:
+        torch.func.grad(lambda q: context_parallel_attention(
+            q, k, v, group=group, causal=True, backend="torch").sum())(q.detach())
+    except RuntimeError as error:
+        message = str(error)
+        assert "context_parallel_attention does not support torch.func's grad" in message, \
+            message
+        return {}
+    raise AssertionError("torch.func.grad over ring attention was not refused")
+
+
+def _cp_inputs(group):
+    torch.manual_seed(3)
+    local = seq_len(dist.get_world_size(group)) // dist.get_world_size(group)
+    return [torch.randn(1, h, local, 8, requires_grad=True) for h in (2, 2, 2)]
 
 
 def check_deterministic(group):
@@ -367,6 +435,10 @@ def _cases(group):
               ("dropout-contiguous", lambda: check_dropout(group, "contiguous")),
               ("deterministic", lambda: check_deterministic(group)),
               ("bytes-sent", lambda: check_bytes_sent(group))]
+    cases += [(f"disagree-{argument}", lambda a=argument: check_disagreement(group, a))
+              for argument in DISAGREEMENTS]
+    cases += [("no-double-backward", lambda: check_no_double_backward(group)),
+              ("no-func-grad", lambda: check_no_func_grad(group))]
     for policy in POLICIES:
         cases.append((f"transformer-zigzag-{policy}",
                       lambda p=policy: check_transformer(group, "zigzag", p)))

@@ -30,9 +30,17 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .. import backends
 from ..backends.chunked import compute_dtype
-from ..ops import LOG2E, draw_dropout_seed, lse_from_stats
-from ..validation import autocast_inputs, check_dropout, check_flag, check_qkv, resolve_scale
+from ..ops import LOG2E, draw_dropout_seed, lse_from_stats, refuse_double_backward
+from ..validation import (
+    autocast_inputs,
+    check_dropout,
+    check_flag,
+    check_qkv,
+    check_transforms,
+    resolve_scale,
+)
 from . import schedule
+from .agreement import check_same_arguments
 from .ring import Ring
 from .sharding import check_divisible, check_layout, resolve_group
 
@@ -188,6 +196,10 @@ def _backward(ctx, do, dstats):
 
 
 _ring_forward.register_autograd(_backward, setup_context=_setup_context)
+_refusal, _no_context = refuse_double_backward(
+    "ckpt_attn.distributed.context_parallel_attention", "for second derivatives gather the "
+    "sequence (unshard_sequence) and use torch.nn.functional.scaled_dot_product_attention")
+_ring_backward.register_autograd(_refusal, setup_context=_no_context)
 
 
 def _rank_pairs(q, causal, layout, group_name) -> int:
@@ -246,9 +258,16 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
     Returns O, (B, H_q, S/P, D) in q's layout, or (O, lse). Under autocast q, k, v are
     cast as attention() casts them.
+
+    Before its first transfer it checks, with one all_gather of a fingerprint, that every
+    rank passed the same arguments (shapes, dtype, causal, scale, dropout_p, layout,
+    return_lse, backend): a ValueError naming the argument on every rank otherwise (not
+    checked while torch.compile traces). As attention(), it refuses torch.func's grad
+    and jvp transforms and a double backward, naming what to use instead.
     """
     q, k, v, _ = autocast_inputs(q, k, v)
     check_qkv(q, k, v)
+    check_transforms("ckpt_attn.distributed.context_parallel_attention", q, k, v)
     scale = resolve_scale(scale, q.shape[-1])
     causal = check_flag(causal, "causal")
     return_lse = check_flag(return_lse, "return_lse")
@@ -262,6 +281,11 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     check_divisible(q.shape[2] * world_size, world_size, layout,
                     what=f"sequence ({q.shape[2]} tokens per rank)")
     resolved = backends.resolve_backend(backend, q)
+    if not torch.compiler.is_compiling():
+        check_same_arguments("context_parallel_attention", {
+            "q.shape": q.shape, "k.shape": k.shape, "v.shape": v.shape, "dtype": q.dtype,
+            "causal": causal, "scale": scale, "dropout_p": dropout_p, "layout": layout,
+            "return_lse": return_lse, "backend": resolved}, pg, q.device)
     seed = _shared_seed(q.device, pg) if dropout_p > 0 else None
     o, stats = _ring_forward(q, k, v, causal, scale, dropout_p, seed, layout, pg.group_name,
                              resolved)
