@@ -12,7 +12,7 @@ Three kernels, no atomics, so the gradients are bitwise deterministic:
 
 With P = exp2((S - max) - log2 sum) from the forward's row statistics and its scores S
 (masking.scores, the same bits), dP = dO V^T and dS = P * (dP - delta), dS = dlse where
-P = 1 on a masked tile (see _score_grads):
+P = 1 (see _score_grads):
 dV = P^T dO, dK = (scale * dS)^T Q (dS scaled before the product, as autograd does:
 after it, q of magnitude 1e3 cost dk 3x naive's error), dQ = scale * dS K. With dropout, the mask is
 regenerated from the seed: dV = Z^T dO with Z = keep * P / (1 - p), and dP is
@@ -94,14 +94,15 @@ def _probabilities(s, row_max, log2_sum):
 
 
 @triton.jit
-def _score_grads(p, dp, delta, dlse, MASKED: tl.constexpr):
-    """dS = P (dP - delta), delta = rowsum(dO * O) - dlse; dlse where P = 1 on a MASKED
-    tile. P = 1 only where the row's other keys sum below half an ulp of 1 (a row with
-    one key, whose tiles are all masked: an unmasked tile gives every row BLOCK keys).
-    There O is that key's V, so dP - rowsum(dO * O) is 0 but for the two dot products'
+def _score_grads(p, dp, delta, dlse, ONE_KEY_ROWS: tl.constexpr):
+    """dS = P (dP - delta), delta = rowsum(dO * O) - dlse; dlse where P = 1 if the tile
+    may hold ONE_KEY_ROWS (any dK/dV tile, whose key block may end past S_k; the dQ
+    kernel's masked tiles: its unmasked ones give every row BLOCK_N keys). P = 1 only
+    where the row's other keys sum below half an ulp of 1 (a row with one key, say):
+    there O is that key's V, so dP - rowsum(dO * O) is 0 but for the two dot products'
     rounding, which naive softmax's backward (rowsum(P dP) = dP) does not have."""
     ds = p * (dp - delta)
-    if MASKED:
+    if ONE_KEY_ROWS:
         ds = tl.where(p == 1.0, dlse, ds)
     return ds
 
@@ -159,7 +160,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, qt_offs, do_offs, stride
             z_t = p_t
         dv = tl.dot(z_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
         # -- dS^T = P^T * (dP^T - delta), scaled before the product as autograd does --
-        ds_t = _score_grads(p_t, dp_t, delta[None, :], dlse[None, :], MASKED) * sm_scale
+        ds_t = _score_grads(p_t, dp_t, delta[None, :], dlse[None, :], True) * sm_scale
         dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=INPUT_PRECISION)
         q_tile += q_step
         do_tile += do_step
