@@ -206,6 +206,10 @@ def model_config(args: argparse.Namespace) -> tuple[TransformerConfig, int]:
     if seq % args.context_parallel:
         raise UsageError(f"--seq ({seq}) must be a multiple of --context-parallel "
                          f"({args.context_parallel})")
+    if args.context_parallel > 1 and seq % (2 * args.context_parallel):
+        raise UsageError(f"--seq ({seq}) must be a multiple of 2 * --context-parallel "
+                         f"({2 * args.context_parallel}): the zigzag layout cuts the sequence "
+                         f"into two chunks per rank")
     try:
         cfg = TransformerConfig(**kwargs | {"max_seq_len": max(max_seq_len, seq)})
     except (TypeError, ValueError) as error:
@@ -272,9 +276,12 @@ def _estimate(args) -> int:
         figure_class = _matplotlib_figure()
         check_plot_path(args.plot, figure_class())
     dtype = DTYPES[args.dtype]
-    estimates = [estimate(cfg, batch=args.batch, seq=seq, policy=policy, dtype=dtype,
-                          context_parallel=args.context_parallel, **options)
-                 for policy, options in POLICIES]
+    try:
+        estimates = [estimate(cfg, batch=args.batch, seq=seq, policy=policy, dtype=dtype,
+                              context_parallel=args.context_parallel, **options)
+                     for policy, options in POLICIES]
+    except ValueError as error:  # what model_config could not see: a line, not a traceback
+        raise UsageError(_flags(str(error))) from None
     labels = [policy_label(policy, options) for policy, options in POLICIES]
     if args.json:
         print(json.dumps([est.to_dict() | {"options": options}
@@ -304,7 +311,8 @@ def _matplotlib_figure():
 
 def check_plot_path(path: Path, figure) -> None:
     """A UsageError unless figure.savefig can write path: a file of a format matplotlib
-    writes (png without a suffix), in an existing directory."""
+    writes (png without a suffix), in an existing directory, that this process may write
+    (tried by opening it to append; a file that was not there is removed again)."""
     if path.is_dir():
         raise UsageError(f"--plot {path} is a directory")
     if not path.parent.is_dir():
@@ -314,6 +322,14 @@ def check_plot_path(path: Path, figure) -> None:
     if suffix and suffix not in formats:
         raise UsageError(f"--plot {path}: matplotlib cannot write .{suffix} files, only "
                          f"{', '.join(sorted(formats))}")
+    existed = path.exists()
+    try:  # a read-only directory or file: found now, before anything is computed
+        with path.open("ab"):
+            pass
+    except OSError as error:
+        raise UsageError(f"--plot {path}: {error.strerror}") from None
+    if not existed:
+        path.unlink()
 
 
 def budget_frontier(cfg, batch, seq, dtype, estimates, context_parallel: int = 1
@@ -355,7 +371,10 @@ def write_plot(figure, path: Path, estimates, labels, frontier, title: str) -> N
     ax.set_ylabel("recompute (% of a training step's FLOPs)")
     ax.set_title(title.removeprefix("config: "), fontsize=7, wrap=True)
     ax.grid(alpha=0.3)
-    figure.savefig(path, dpi=120, bbox_inches="tight")
+    try:
+        figure.savefig(path, dpi=120, bbox_inches="tight")
+    except OSError as error:  # the path became unwritable since check_plot_path
+        raise UsageError(f"--plot {path}: {error.strerror}") from None
 
 
 def _plan(args) -> int:

@@ -498,3 +498,28 @@ def test_estimate_of_a_long_sequence_answers_in_seconds(tmp_path):
     result = estimate_seq("--preset", "llama-70b")  # beyond any memory
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "2**60" in result.stderr
+
+
+@pytest.mark.parametrize("command", [["estimate"], ["plan", "--budget", "1GiB"]])
+def test_context_parallel_degree_the_zigzag_cannot_cut(capsys, command):
+    """--seq 16 over 16 ranks: a multiple of the degree, not of zigzag's two chunks per
+    rank (was a traceback from the ring's schedule, exit 1)."""
+    assert_usage_error(*run(capsys, *command, "--layers", "2", "--hidden", "64", "--heads",
+                            "4", "--seq", "16", "--context-parallel", "16"),
+                       "--seq (16) must be a multiple of 2 * --context-parallel (32)")
+
+
+def test_plot_into_a_read_only_directory(capsys, tmp_path):
+    """Refused before anything is computed, in one line (was a traceback from savefig,
+    exit 1, after the table). As root, permission bits do not bind: sysfs refuses every
+    new file, root's too."""
+    pytest.importorskip("matplotlib")
+    directory = tmp_path / "read-only"
+    directory.mkdir()
+    directory.chmod(0o555)
+    if os.geteuid() == 0:
+        directory = Path("/sys")
+    path = directory / "pareto.png"
+    assert_usage_error(*run(capsys, "estimate", *SMALL, "--plot", str(path)), "--plot",
+                       str(path), "Permission denied")
+    assert not path.exists()

@@ -74,6 +74,7 @@ def test_naive_ring_keeps_each_step_block():
 
 @pytest.mark.parametrize(("value", "message"), [
     (3, "seq \\(1024\\) must be a multiple of context_parallel \\(3\\)"),
+    (1024, "seq \\(1024\\) must be a multiple of 2 \\* context_parallel \\(2048\\)"),
     (0, "context_parallel must be a positive int, got 0"),
     (True, "context_parallel must be a positive int, got True"),
 ])
@@ -110,6 +111,7 @@ def test_cli_reports_per_rank_figures(capsys):
 
 @pytest.mark.parametrize(("degree", "message"), [
     ("3", "--seq (1024) must be a multiple of --context-parallel (3)"),
+    ("1024", "--seq (1024) must be a multiple of 2 * --context-parallel (2048)"),
     ("0", "--context-parallel must be a positive int, got 0"),
 ])
 def test_cli_refuses_a_bad_degree(capsys, degree, message):

@@ -171,7 +171,8 @@ def estimate(cfg: TransformerConfig, *, batch: int, seq: int, policy: str = "non
         dtype: the model's and activations' dtype: torch.float16, bfloat16, float32 or
             float64, or its name ("bfloat16"; see DTYPE_NAMES).
         context_parallel: the number of ranks the sequence is sharded over
-            (ckpt_attn.distributed); seq must be a multiple of it.
+            (ckpt_attn.distributed, zigzag layout); seq must be a multiple of it, and of
+            2 * context_parallel when it is more than 1.
 
     Bad arguments raise a ValueError or TypeError naming them.
     """
@@ -244,6 +245,10 @@ def _local_seq(cfg: TransformerConfig, batch: int, seq: int, context_parallel: i
     if seq % context_parallel:
         raise ValueError(f"seq ({seq}) must be a multiple of context_parallel "
                          f"({context_parallel}): each rank holds seq / context_parallel tokens")
+    if context_parallel > 1 and seq % (2 * context_parallel):
+        raise ValueError(f"seq ({seq}) must be a multiple of 2 * context_parallel "
+                         f"({2 * context_parallel}): the zigzag layout cuts the sequence into "
+                         f"two chunks per rank")
     # the widest activation a layer makes, in its widest dtype (the norms compute in
     # float32 or float64), must be one torch tensor
     width = max(cfg.hidden_size, cfg.ffn_hidden_size)
