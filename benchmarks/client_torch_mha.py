@@ -93,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:
         at = argv.index("--")
         argv, extra = argv[:at], argv[at + 1:]
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="Arguments after -- go to pytest, for example -- -k 'MultiheadAttention'.")
     parser.add_argument("paths", nargs="+", help="PyTorch test files or directories")
     parser.add_argument("--reference", action="store_true",
                         help="run with torch's own MultiheadAttention (no swap)")
