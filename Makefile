@@ -52,6 +52,8 @@ package-check: install
 	venv/bin/ckpt-attn estimate --preset llama-7b --seq 4096; \
 	venv/bin/python -c "import ckpt_attn.integrations.transformers, kernels; \
 		print('ckpt_attn.integrations.transformers imports; kernels is', kernels.__file__)"; \
+	venv/bin/python -c "import importlib.util as u; \
+		print('triton installed:', u.find_spec('triton') is not None)"; \
 	venv/bin/ckpt-attn bench --smoke --out results; \
 	ls results; test -s results/cpu_results.md && test -s results/policies.md
 	sdist=$$(realpath $(DIST_DIR)/ckpt_attn-*.tar.gz); dir=$$(mktemp -d); \

@@ -108,5 +108,28 @@ def test_the_wheel_carries_its_license_and_classifiers(wheel):
     assert "License: Apache-2.0" in metadata
     assert "Classifier: Programming Language :: Python :: 3.10" in metadata
     assert "Classifier: Typing :: Typed" in metadata
+    # the torch backend serves CPU-only installs: triton only through the extra
+    triton = [line for line in metadata.splitlines() if line.startswith("Requires-Dist: triton")]
+    assert triton and all('extra == "triton"' in line or 'extra == "test"' in line
+                          for line in triton), triton
     (license_file,) = [n for n in names if n.endswith("LICENSE")]
     assert b"Apache License" in wheel.read(license_file)
+
+
+def test_without_triton_the_torch_backend_serves_and_triton_is_refused_by_name():
+    """A CPU-only install has no triton (it is an extra): ckpt_attn imports, attention
+    runs on the torch backend, and backend='triton' says which extra brings it."""
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch, ckpt_attn\n"
+            "q = torch.randn(1, 2, 33, 16, requires_grad=True)\n"
+            "ckpt_attn.attention(q, q, q, causal=True).sum().backward()\n"
+            "assert q.grad is not None\n"
+            "try:\n"
+            "    ckpt_attn.attention(q, q, q, backend='triton')\n"
+            "except ValueError as error:\n"
+            "    print(error)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "pip install 'ckpt-attn[triton]'" in result.stdout

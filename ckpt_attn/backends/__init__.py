@@ -64,7 +64,9 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
         return "triton" if usable else "torch"
     if backend == "triton":
         if not has_triton:
-            raise ValueError("backend='triton' needs the triton package, which is not installed")
+            raise ValueError("backend='triton' needs the triton package, which is not "
+                             "installed: pip install 'ckpt-attn[triton]' (a CUDA build of "
+                             "torch from PyPI brings it)")
         if not triton_runs and not shape_only:
             raise ValueError(
                 f"backend='triton' runs on CUDA tensors, or on CPU tensors with "
