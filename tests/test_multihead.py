@@ -493,7 +493,7 @@ def test_flags_must_be_bool(name, value, type_name):
         ours(x, x, x, attn_mask=causal_mask, **{name: value})
 
 
-# ---- torch's conventions, as PyTorch's own tests hold them (benchmarks/client_torch_mha.py) ----
+# ---- torch's conventions, as PyTorch's own tests hold them (tools/client_torch_mha.py) ----
 
 def _bad_call(module_type, kwargs, args):
     """Build module_type(**kwargs) and call it on args; the exception raised, or None."""

@@ -5,7 +5,7 @@ The module subclasses nn.MultiheadAttention: same constructor, parameters, initi
 state_dict and attributes, so torch code that reads them (TransformerEncoderLayer, checkpoints,
 isinstance checks) keeps working. Only forward() differs, and torch.jit.script is refused.
 PyTorch's own MultiheadAttention and Transformer tests can be run against it with
-benchmarks/client_torch_mha.py.
+tools/client_torch_mha.py.
 """
 
 from __future__ import annotations

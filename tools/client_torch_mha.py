@@ -1,6 +1,6 @@
 """Run PyTorch's own tests with ckpt_attn's MultiheadAttention in place of torch's.
 
-    python benchmarks/client_torch_mha.py PATH [PATH ...] [--reference] [-- PYTEST_ARGS]
+    python tools/client_torch_mha.py PATH [PATH ...] [--reference] [-- PYTEST_ARGS]
 
 PATH is a PyTorch test file or directory you have on disk (for example test/nn/
 test_multihead_attention.py and test/test_transformers.py of a PyTorch checkout at the

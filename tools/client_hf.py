@@ -1,6 +1,6 @@
 """Run transformers' own model tests with every "sdpa" attention routed to ckpt_attn's op.
 
-    python benchmarks/client_hf.py PATH [PATH ...] [--reference] [--outcomes FILE]
+    python tools/client_hf.py PATH [PATH ...] [--reference] [--outcomes FILE]
                                    [-- PYTEST_ARGS]
 
 PATH is a transformers test file or directory you have on disk (for example
