@@ -81,6 +81,21 @@ def logits_and_grads(model, rows, first_row=0, **inputs):
     return picked.detach(), grads
 
 
+def one_by_one(lengths, **models):
+    """Random sequences of these lengths, and each model's logits and summed gradients
+    when the sequences run one at a time: {name: (logits, grads)}."""
+    sequences = [torch.randint(1, VOCAB, (n,)) for n in lengths]
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    separate = {}
+    for name, model in models.items():
+        logits, grads = zip(*(logits_and_grads(model, torch.ones(1, n, dtype=torch.bool),
+                                               start, input_ids=s[None], use_cache=False)
+                              for n, s, start in zip(lengths, sequences, starts, strict=True)),
+                            strict=True)
+        separate[name] = torch.cat(logits), torch.stack(grads).sum(0)
+    return sequences, separate
+
+
 def assert_models_agree(ours, sdpa, reference, rows, label, **inputs):
     """Logits and gradients of ours against the float64 reference, under the rule with the
     float32 SDPA model as baseline."""
@@ -185,16 +200,8 @@ def test_packed_batch_matches_separate_sequences(family, monkeypatch):
     cu_seq_lens keyword arguments."""
     ours, sdpa, reference = build(family)
     lengths = (5, 7, 4)
-    sequences = [torch.randint(1, VOCAB, (n,)) for n in lengths]
+    sequences, separate = one_by_one(lengths, sdpa=sdpa, reference=reference)
     features = [{"input_ids": s.tolist()} for s in sequences]
-    starts = [sum(lengths[:i]) for i in range(len(lengths))]
-    separate = {}
-    for name, model in (("sdpa", sdpa), ("reference", reference)):
-        logits, grads = zip(*(logits_and_grads(model, torch.ones(1, n, dtype=torch.bool),
-                                               start, input_ids=s[None], use_cache=False)
-                              for n, s, start in zip(lengths, sequences, starts, strict=True)),
-                            strict=True)
-        separate[name] = torch.cat(logits), torch.stack(grads).sum(0)
     rows = torch.ones(1, sum(lengths), dtype=torch.bool)
     ways = {"mask": (dict(), False), "positions": (dict(), True),
             "flash kwargs": (dict(return_flash_attn_kwargs=True), True)}
@@ -474,18 +481,10 @@ def test_flash_kwargs_batch_compiles(use_cache):
     under torch.compile: the logits and gradients of the sequences run one by one."""
     ours, sdpa, reference = build("qwen2")
     lengths = (5, 7, 4)
-    sequences = [torch.randint(1, VOCAB, (n,)) for n in lengths]
+    sequences, separate = one_by_one(lengths, sdpa=sdpa, reference=reference)
     batch = DataCollatorWithFlattening(return_flash_attn_kwargs=True)(
         [{"input_ids": s.tolist()} for s in sequences])
     batch.pop("labels")
-    starts = [sum(lengths[:i]) for i in range(len(lengths))]
-    separate = {}
-    for name, model in (("sdpa", sdpa), ("reference", reference)):
-        logits, grads = zip(*(logits_and_grads(model, torch.ones(1, n, dtype=torch.bool),
-                                               start, input_ids=s[None], use_cache=False)
-                              for n, s, start in zip(lengths, sequences, starts, strict=True)),
-                            strict=True)
-        separate[name] = torch.cat(logits), torch.stack(grads).sum(0)
     try:
         logits, grads = logits_and_grads(compiled(ours), torch.ones(1, sum(lengths), dtype=bool),
                                          use_cache=use_cache, **batch)

@@ -24,14 +24,16 @@ as JSON, so two runs can be compared.
 from __future__ import annotations
 
 import argparse
-import collections
-import json
 import os
 import sys
-
-import pytest
+from pathlib import Path
 
 from ckpt_attn import ops
+
+# client_suite.py sits beside this script; PYTHONSAFEPATH (set by the Makefile) keeps
+# Python from putting the script's folder on sys.path itself
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from client_suite import run_suite, split_pytest_arguments  # noqa: E402
 
 
 class Counts:
@@ -75,29 +77,10 @@ def _counted(op, counts: Counts):
     return counted
 
 
-class Outcomes:
-    """pytest plugin: the outcome of every test (a failing setup or teardown counts)."""
-
-    def __init__(self):
-        self.by_test = {}
-
-    def pytest_runtest_logreport(self, report):
-        if report.when == "call" or report.outcome != "passed":
-            if report.outcome == "skipped" and hasattr(report, "wasxfail"):
-                outcome = "xfailed"
-            else:
-                outcome = report.outcome
-            if self.by_test.get(report.nodeid) != "failed":
-                self.by_test[report.nodeid] = outcome
-
-
 def main(argv: list[str] | None = None) -> int:
     """Parse the arguments, run the tests, print the counts; returns pytest's exit code."""
     argv = sys.argv[1:] if argv is None else argv
-    extra = []
-    if "--" in argv:
-        at = argv.index("--")
-        argv, extra = argv[:at], argv[at + 1:]
+    argv, extra = split_pytest_arguments(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", help="transformers test files or directories")
     parser.add_argument("--reference", action="store_true",
@@ -110,25 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     # the tests must not reach the hub: what needs it skips or fails alike in both runs
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    counts, outcomes = Counts(), Outcomes()
+    counts = Counts()
     install(counts, swap=not args.reference, backend=args.backend)
-    code = pytest.main([*args.paths, "-q", "-p", "no:cacheprovider", *extra],
-                       plugins=[outcomes])
-
-    tally = collections.Counter(outcomes.by_test.values())
     label = "transformers sdpa" if args.reference else "ckpt_attn as sdpa"
-    print(f"\n== {label}: {len(outcomes.by_test)} tests: "
-          + ", ".join(f"{n} {outcome}" for outcome, n in sorted(tally.items())))
-    for test, outcome in sorted(outcomes.by_test.items()):
-        if outcome == "failed":
-            print(f"FAILED {test}")
+    code = run_suite(args.paths, extra, label, args.outcomes)
     print(f"attention-function calls: {counts.attention}")
     if not args.reference:
         print(f"ckpt_attn op calls: {counts.op}")
-    if args.outcomes:
-        with open(args.outcomes, "w") as f:
-            json.dump(outcomes.by_test, f, indent=1, sort_keys=True)
-    return int(code)
+    return code
 
 
 if __name__ == "__main__":

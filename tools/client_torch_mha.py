@@ -21,17 +21,20 @@ can be compared.
 from __future__ import annotations
 
 import argparse
-import collections
-import json
 import sys
+from pathlib import Path
 
-import pytest
 import torch
 from torch import nn
 
 from ckpt_attn.modules import multihead
 
 TORCH_MHA = nn.MultiheadAttention
+
+# client_suite.py sits beside this script; PYTHONSAFEPATH (set by the Makefile) keeps
+# Python from putting the script's folder on sys.path itself
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from client_suite import run_suite, split_pytest_arguments  # noqa: E402
 
 
 class Counts:
@@ -70,29 +73,10 @@ def install(counts: Counts, swap: bool) -> None:
     multihead._attention_with_weights = counted_weights
 
 
-class Outcomes:
-    """pytest plugin: the outcome of every test (a failing setup or teardown counts)."""
-
-    def __init__(self):
-        self.by_test = {}
-
-    def pytest_runtest_logreport(self, report):
-        if report.when == "call" or report.outcome != "passed":
-            if report.outcome == "skipped" and hasattr(report, "wasxfail"):
-                outcome = "xfailed"
-            else:
-                outcome = report.outcome
-            if self.by_test.get(report.nodeid) != "failed":
-                self.by_test[report.nodeid] = outcome
-
-
 def main(argv: list[str] | None = None) -> int:
     """Parse the arguments, run the tests, print the counts; returns pytest's exit code."""
     argv = sys.argv[1:] if argv is None else argv
-    extra = []
-    if "--" in argv:
-        at = argv.index("--")
-        argv, extra = argv[:at], argv[at + 1:]
+    argv, extra = split_pytest_arguments(argv)
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
         epilog="Arguments after -- go to pytest, for example -- -k 'MultiheadAttention'.")
@@ -102,25 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--outcomes", help="write {test id: outcome} as JSON to this file")
     args = parser.parse_args(argv)
 
-    counts, outcomes = Counts(), Outcomes()
+    counts = Counts()
     install(counts, swap=not args.reference)
-    code = pytest.main([*args.paths, "-q", "-p", "no:cacheprovider", *extra],
-                       plugins=[outcomes])
-
-    tally = collections.Counter(outcomes.by_test.values())
     label = "torch.nn.MultiheadAttention" if args.reference else "ckpt_attn MultiheadAttention"
-    print(f"\n== {label}: {len(outcomes.by_test)} tests: "
-          + ", ".join(f"{n} {outcome}" for outcome, n in sorted(tally.items())))
-    for test, outcome in sorted(outcomes.by_test.items()):
-        if outcome == "failed":
-            print(f"FAILED {test}")
+    code = run_suite(args.paths, extra, label, args.outcomes)
     print(f"forward calls of {label}: {counts.forward}")
     if not args.reference:
         print(f"fused op calls: {counts.fused}, need_weights path calls: {counts.weights}")
-    if args.outcomes:
-        with open(args.outcomes, "w") as f:
-            json.dump(outcomes.by_test, f, indent=1, sort_keys=True)
-    return int(code)
+    return code
 
 
 if __name__ == "__main__":
