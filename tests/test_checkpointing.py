@@ -484,6 +484,97 @@ def test_budget_below_every_plan_names_the_minimum():
         model(inputs())
 
 
+@pytest.mark.parametrize("overrides", [{}, {"mlp": "gelu", "norm": "layernorm", "bias": True,
+                                        "dropout": 0.1}], ids=["swiglu", "gelu-dropout"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_budget_plans_a_transformer_in_closed_form_as_measured(overrides, dtype):
+    """The budget policy's planner costs a Transformer's layers in closed form (from the
+    shape alone) and picks exactly the plan the measured costs give, at budgets from the
+    least reachable peak to no checkpointing."""
+    from ckpt_attn.memory import min_peak, plan, plan_chain, plan_layers
+    from ckpt_attn.memory.estimation import transformer_config
+    from ckpt_attn.memory.planner import layer_costs, tail_cost
+
+    model = make_model(**overrides).to(dtype)
+    for batch, seq in ((1, 32), (2, 48), (3, 64)):
+        x = torch.randn(batch, seq, HIDDEN, dtype=dtype)
+        assert transformer_config(model.layers, x, (), {"attn_mask": None},
+                                  model.norm) == model.cfg
+        costs = layer_costs(model.layers, x, attn_mask=None)
+        base, base_transient = tail_cost(model.norm, x)
+        low = min_peak(costs, base, base_transient)
+        high = plan_layers(costs, math.inf, base, base_transient).peak_bytes
+        for fraction in (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0):
+            budget = low + fraction * (high - low)
+            measured = plan_layers(costs, budget, base, base_transient)
+            closed_form = plan_chain(model.layers, x, (), {"attn_mask": None},
+                                     budget_bytes=budget, tail=model.norm)
+            assert closed_form == measured, (batch, seq, fraction)
+            assert plan(model.cfg, batch=batch, seq=seq, budget_bytes=budget,
+                        dtype=dtype) == measured
+
+
+def test_budget_measures_what_the_closed_form_does_not_cover():
+    """Eval mode with dropout, autocast, a replaced submodule, other layer arguments,
+    parameters of another dtype: measured, not closed-form."""
+    from ckpt_attn.memory.estimation import transformer_config
+
+    model, x = make_model(dropout=0.1), inputs()
+
+    def config(**changes):
+        case = dict(layers=model.layers, x=x, args=(), kwargs={}, tail=model.norm) | changes
+        return transformer_config(**case)
+
+    assert config() == model.cfg
+    assert config(kwargs={"attn_mask": torch.ones(1, dtype=torch.bool)}) == model.cfg
+    assert config(tail=None) is None
+    assert config(args=(None,)) is None
+    assert config(kwargs={"scale": 2.0}) is None
+    assert config(x=x.double()) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert config() is None
+    model.eval()
+    assert config() is None
+    model.train()
+    model.layers[1].mlp = nn.Identity()
+    assert config() is None
+
+
+def test_budget_plans_on_example_inputs_at_apply_time():
+    model, x = make_model(), inputs()
+    reference = step(model, x)
+    budget = measure(model, x).peak_bytes * 0.6
+    apply_checkpointing(model, "budget", budget_bytes=budget, example_inputs=(x,))
+    plans = model.layers[0].forward.plans
+    assert list(plans) == [((BATCH, SEQ, HIDDEN), torch.float32, torch.device("cpu"))]
+    assert_same_step(step(model, x), reference)
+    assert model.layers[0].forward.plans is plans and len(plans) == 1
+    assert measure(model, x).peak_bytes <= budget
+
+
+@pytest.mark.parametrize("policy, example_inputs, error, match", [
+    ("full", (torch.zeros(1),), ValueError, "example_inputs is taken by a planned policy"),
+    ("budget", [torch.zeros(1)], TypeError, "example_inputs must be a tuple")])
+def test_bad_example_inputs(policy, example_inputs, error, match):
+    options = {"budget_bytes": 2**30} if policy == "budget" else {}
+    with pytest.raises(error, match=match):
+        apply_checkpointing(make_model(), policy, example_inputs=example_inputs, **options)
+
+
+def test_example_inputs_that_never_reach_the_first_layer():
+    class Skips(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+
+        def forward(self, x):
+            return x
+
+    with pytest.raises(ValueError, match="example_inputs: Skips called on them"):
+        apply_checkpointing(Skips(), "budget", budget_bytes=2**30,
+                            example_inputs=(torch.zeros(1, 4),))
+
+
 def test_model_without_layers():
     with pytest.raises(ValueError, match="no.*layers|neither"):
         apply_checkpointing(nn.Linear(4, 4), "full")

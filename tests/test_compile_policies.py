@@ -6,7 +6,8 @@ One model holds a Transformer per policy and is compiled once (each inductor com
 costs tens of seconds of C++ compilation on the CPU): its one graph and zero breaks,
 counted by Dynamo's own counters (torch._dynamo.utils.counters: "stats"/"unique_graphs"
 and "graph_break"), are every policy's. The budget policy is planned in eager mode
-first (its planner cannot be traced), then compiled.
+first there; below, a Transformer's budget plan is made from its shape while Dynamo
+traces the first compiled call, and another model's at apply time (example_inputs=).
 
 Storage "cpu" is left out: it offloads to pinned host memory on CUDA, and on the CPU
 keeps tensors where they are (tests/test_checkpointing.py checks that). Storages "int8"
@@ -109,11 +110,104 @@ def test_every_policy_compiles_with_inductor_in_one_graph_equal_to_eager():
             torch.testing.assert_close(got_grad, want_grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
-def test_budget_without_an_eager_plan_asks_for_one():
-    model = apply_checkpointing(make_model(), "budget", budget_bytes=2**30)
+def budget_of(model: nn.Module, x: torch.Tensor) -> float:
+    """A budget half way between the peaks of "full" and "none" on x, so the plan mixes
+    modes (model is left with no policy)."""
+    from ckpt_attn.memory import measure
+
+    none_peak = measure(apply_checkpointing(model, "none"), x).peak_bytes
+    full_peak = measure(apply_checkpointing(model, "full"), x).peak_bytes
+    apply_checkpointing(model, "none")
+    return (none_peak + full_peak) / 2
+
+
+def wider_model(num_layers: int = 3) -> ckpt_attn.Transformer:
+    torch.manual_seed(0)
+    cfg = ckpt_attn.TransformerConfig(num_layers=num_layers, hidden_size=64, num_heads=4,
+                                      num_kv_heads=2, ffn_hidden_size=128, backend="torch")
+    return ckpt_attn.Transformer(cfg)
+
+
+def test_budget_transformer_compiles_on_its_first_call():
+    """No eager step first: the plan for the input's shape is made while Dynamo traces,
+    from the closed-form costs; one graph, no breaks, eager's loss and gradients, and
+    the plan's kept bytes are what the estimate predicts."""
+    from ckpt_attn.memory import estimate, measure
+
+    torch.manual_seed(1)
+    x = torch.randn(2, 32, 64, requires_grad=True)
+    budget = budget_of(wider_model(), x)
+    compiled_model = apply_checkpointing(wider_model(), "budget", budget_bytes=budget)
+    eager_model = apply_checkpointing(wider_model(), "budget", budget_bytes=budget)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(compiled_model, backend="inductor", fullgraph=True)
+    with torch._inductor.config.patch(compile_threads=1):
+        got = step(compiled, x)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    eager = step(eager_model, x)
+    torch.testing.assert_close(got[0], eager[0], atol=1e-6, rtol=1e-5)
+    for got_grad, want_grad in zip(got[1], eager[1], strict=True):
+        torch.testing.assert_close(got_grad, want_grad, atol=1e-6, rtol=1e-5)
+    plans = [m.layers[0].forward.plans for m in (compiled_model, eager_model)]
+    assert plans[0] == plans[1] and len(plans[0]) == 1
+    modes = {segment.mode for segment in next(iter(plans[0].values()))}
+    assert len(modes) > 1, modes  # the budget mixes modes
+    predicted = estimate(compiled_model.cfg, batch=2, seq=32, policy="budget",
+                         budget_bytes=budget, dtype=torch.float32)
+    assert measure(eager_model, x).kept_bytes == predicted.kept_bytes
+    # the next call runs the same graph: no recompilation
+    counters.clear()
+    step(compiled, x)
+    assert counters["stats"]["unique_graphs"] == 0
+
+
+class Stack(nn.Module):
+    """Layers in a `layers` ModuleList and a final linear: not a ckpt_attn.Transformer,
+    so its budget plan is measured, in eager mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = wider_model(2).layers
+        self.head = nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def test_budget_of_other_models_plans_on_example_inputs_for_compile():
+    torch.manual_seed(1)
+    x = torch.randn(2, 32, 64, requires_grad=True)
+    budget = budget_of(Stack(), x)
+    model = apply_checkpointing(Stack(), "budget", budget_bytes=budget,
+                                example_inputs=(x.detach(),))
+    eager_model = apply_checkpointing(Stack(), "budget", budget_bytes=budget)
+    assert len(model.layers[0].forward.plans) == 1  # planned at apply time
+    torch._dynamo.reset()
+    counters.clear()
+    got = step(torch.compile(model, backend="aot_eager", fullgraph=True), x)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    eager = step(eager_model, x)
+    assert model.layers[0].forward.plans == eager_model.layers[0].forward.plans
+    torch.testing.assert_close(got[0], eager[0], atol=1e-6, rtol=1e-5)
+    for got_grad, want_grad in zip(got[1], eager[1], strict=True):
+        torch.testing.assert_close(got_grad, want_grad, atol=1e-6, rtol=1e-5)
+    # a shape it has no plan for: the clear error, not a wrong plan
+    with pytest.raises(RuntimeError, match="example_inputs="):
+        torch.compile(model, backend="eager", fullgraph=True, dynamic=False)(
+            torch.randn(2, 40, 64, requires_grad=True))
+
+
+def test_budget_without_a_plan_asks_for_one():
+    model = apply_checkpointing(Stack(), "budget", budget_bytes=2**30)
     torch._dynamo.reset()
     with pytest.raises(RuntimeError, match="run the model once in eager mode"):
-        torch.compile(model, backend="eager", fullgraph=True)(inputs())
+        torch.compile(model, backend="eager", fullgraph=True)(
+            torch.randn(2, 32, 64, requires_grad=True))
 
 
 @pytest.mark.parametrize("policy, options, storage, code_dtype", [

@@ -1,4 +1,4 @@
-"""The "budget" policy: a plan per input shape, made on the first forward.
+"""The "budget" policy: a plan per input shape, made on the first forward (or before).
 
 The plan comes from a planner, which this package does not define: planning needs
 the memory model (ckpt_attn.memory measures the layers' costs and runs the planner),
@@ -6,6 +6,15 @@ and ckpt_attn.memory is built on this package, not the other way round. So the
 planner is injected: ckpt_attn.memory hands its plan_chain to use_planner when it is
 imported (as importing ckpt_attn does), and apply_checkpointing gives the planner
 in use to each BudgetForward it installs.
+
+Under torch.compile a plan must exist before the traced code runs the layers. It does
+when an eager forward (or apply_checkpointing's example_inputs=) planned that shape;
+for a model whose plan follows from the input's shape alone (a ckpt_attn.Transformer:
+the memory model's costs are closed-form), BudgetForward plans while Dynamo traces,
+in a function Dynamo runs as Python instead of tracing it
+(torch.compiler.assume_constant_result): it installs the plan, and the traced code
+then reads the installed forwards, so the graph holds the plan's segments and no
+planning.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import _disable_current_modes
 
 from .apply import InstalledForward, install
@@ -52,14 +62,17 @@ class BudgetForward(InstalledForward):
     norm), if given; the plan is installed when the shape changes. Planning runs in
     eager PyTorch, outside any active dispatch mode (a measure() or FlopCounterMode
     around the model sees only the step itself). torch.compile traces the installed
-    plan; a shape with no plan yet under torch.compile raises a RuntimeError asking for
-    one eager forward of that shape first (the planner cannot be traced).
+    plan. With plans_from_shapes (a ckpt_attn.Transformer, whose costs the planner
+    finds from the shape alone), a shape with no plan yet is planned while Dynamo
+    traces, on a fake input of that shape (see the module docstring); otherwise it
+    raises a RuntimeError asking for one eager forward of that shape first, or for
+    example_inputs of that shape at apply time (plan_for).
     """
 
     def __init__(self, layers, planner: Planner, budget_bytes: float, storage: str,
-                 tail=None):
+                 tail=None, plans_from_shapes: bool = False):
         self.layers, self.planner, self.budget_bytes = layers, planner, budget_bytes
-        self.storage, self.tail = storage, tail
+        self.storage, self.tail, self.plans_from_shapes = storage, tail, plans_from_shapes
         self.plans = {}
         self.installed = None  # the (shape, dtype, device) whose plan is installed
         self.head = None  # the forward that plan put on the first layer (None: its own)
@@ -67,19 +80,36 @@ class BudgetForward(InstalledForward):
     def __call__(self, x, *args, **kwargs):
         if torch.is_grad_enabled():
             key = (tuple(x.shape), x.dtype, x.device)
-            if key != self.installed:
+            if torch.compiler.is_compiling() and self.plans_from_shapes:
+                if not all(type(size) is int for size in key[0]):
+                    raise RuntimeError(f"policy 'budget' plans for static shapes, and "
+                                       f"torch.compile traces the input's shape {key[0]} "
+                                       f"as dynamic; compile with dynamic=False")
+                _install_while_tracing(self, *key)
+            elif key != self.installed:
                 self._install(key, x, args, kwargs)
         if self.head is None:
             first = self.layers[0]
             return type(first).forward(first, x, *args, **kwargs)
         return self.head(x, *args, **kwargs)
 
+    def plan_for(self, x, args: tuple, kwargs: dict) -> None:
+        """Plan for the first layer's input x (and the other arguments the model passes
+        to the layers) and install that plan, in eager mode: what the first forward of
+        x's shape does, ahead of it (apply_checkpointing's example_inputs)."""
+        self._install((tuple(x.shape), x.dtype, x.device), x, args, kwargs)
+
     def _install(self, key, x, args, kwargs) -> None:
         if torch.compiler.is_compiling():
             raise RuntimeError(f"policy 'budget' has no plan for an input of shape {key[0]}, "
                                f"{key[1]} on {key[2]}: planning measures the layers and "
                                f"cannot be traced; run the model once in eager mode, with "
-                               f"grad enabled, on that shape before torch.compile traces it")
+                               f"grad enabled, on that shape before torch.compile traces it, "
+                               f"or pass inputs of that shape to apply_checkpointing as "
+                               f"example_inputs=")
+        self._plan_and_install(key, x, args, kwargs)
+
+    def _plan_and_install(self, key, x, args, kwargs) -> None:
         if key not in self.plans:
             with _disable_current_modes():
                 self.plans[key] = self.planner(self.layers, x, args, kwargs,
@@ -90,3 +120,18 @@ class BudgetForward(InstalledForward):
         self.head = first.__dict__.get("forward")
         first.forward = self
         self.installed = key
+
+
+@torch.compiler.assume_constant_result
+def _install_while_tracing(budget: BudgetForward, shape: tuple, dtype: torch.dtype,
+                           device: torch.device) -> bool:
+    """Install budget's plan for an input of this shape, dtype and device. Dynamo runs
+    it as Python when it traces a call (its arguments are constants, budget guarded by
+    identity) and leaves it out of the graph; the traced code after it reads the
+    installed forwards."""
+    key = (shape, dtype, device)
+    if key != budget.installed:
+        with FakeTensorMode():
+            x = torch.empty(shape, dtype=dtype, device=device)
+        budget._plan_and_install(key, x, (), {})
+    return True

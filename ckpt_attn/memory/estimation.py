@@ -355,9 +355,66 @@ def plan_chain(layers, x: torch.Tensor, args: tuple = (), kwargs: dict | None = 
                budget_bytes: float, tail: torch.nn.Module | None = None) -> Plan:
     """The plan with least recompute FLOPs whose predicted peak fits budget_bytes for a
     model's chain of layers, called on an input like x (args and kwargs passed to every
-    layer) and followed by tail (a final norm, say) if given; the layers' costs are
-    measured on shape-only copies (layer_costs, tail_cost). The "budget" policy plans with it
-    (ckpt_attn.checkpointing.use_planner)."""
-    costs = layer_costs(layers, x, *args, **(kwargs or {}))
+    layer) and followed by tail (a final norm, say) if given. The "budget" policy plans
+    with it (ckpt_attn.checkpointing.use_planner).
+
+    The layers and final norm of a ckpt_attn.Transformer (transformer_config) are costed
+    by the closed-form model plan() uses, from x's shape and dtype alone (so x may be a
+    fake tensor); other layers are measured on shape-only copies (layer_costs,
+    tail_cost). Both give the same costs for a Transformer."""
+    kwargs = kwargs or {}
+    cfg = transformer_config(layers, x, args, kwargs, tail)
+    if cfg is not None:
+        costs, base, base_transient = _chain(cfg, x.shape[0], x.shape[1], x.dtype)
+        return plan_layers(costs, budget_bytes, base, base_transient)
+    costs = layer_costs(layers, x, *args, **kwargs)
     base, base_transient = tail_cost(tail, x) if tail is not None else (0, 0)
     return plan_layers(costs, budget_bytes, base, base_transient)
+
+
+def transformer_config(layers, x: torch.Tensor, args: tuple, kwargs: dict,
+                       tail: torch.nn.Module | None) -> TransformerConfig | None:
+    """The TransformerConfig whose closed-form costs are exactly those of `layers` called
+    on an input like x (with args, kwargs) and followed by tail, or None: layers built as
+    TransformerLayer(cfg) builds them (the same module classes, plain parameters of x's
+    dtype, none replaced by context parallelism, FSDP2 or tensor parallelism), in training
+    mode unless cfg.dropout is 0, called with at most an attn_mask (which changes no
+    cost) and followed by the final norm make_norm(cfg) builds, on an x of shape
+    (batch, seq <= cfg.max_seq_len, hidden) outside autocast."""
+    cfg = getattr(layers[0], "cfg", None) if len(layers) else None
+    if not isinstance(cfg, TransformerConfig) or args or set(kwargs) - {"attn_mask"} \
+            or x.dim() != 3 or x.shape[1] > cfg.max_seq_len or x.shape[2] != cfg.hidden_size \
+            or x.dtype not in FLOAT_DTYPES or torch.is_autocast_enabled(x.device.type):
+        return None
+    layer_form, norm_form = _built_form(tuple(dataclasses.astuple(cfg)), x.dtype)
+    if tail is None or _form(tail, x.dtype) != norm_form:
+        return None
+    for layer in layers:
+        if type(layer) is not TransformerLayer or layer.cfg != cfg \
+                or _form(layer, x.dtype) != layer_form:
+            return None
+        if cfg.dropout > 0 and not all(module.training for module in layer.modules()):
+            return None
+    return cfg
+
+
+def _form(module: torch.nn.Module, dtype: torch.dtype):
+    """What the closed-form model assumes of a module: its submodules' names and classes,
+    and its parameters' names and shapes, or None if a parameter is not a plain tensor of
+    dtype."""
+    parameters = []
+    for name, p in module.named_parameters():
+        if type(p.data) is not torch.Tensor or p.dtype != dtype:
+            return None
+        parameters.append((name, tuple(p.shape)))
+    return ([(name, type(m)) for name, m in module.named_modules()], parameters)
+
+
+@functools.lru_cache(maxsize=64)
+def _built_form(cfg_fields: tuple, dtype: torch.dtype):
+    """_form of TransformerLayer(cfg) and of make_norm(cfg) as built, in dtype."""
+    cfg = TransformerConfig(*cfg_fields)
+    with torch.device("meta"):
+        layer = TransformerLayer(cfg).to(dtype)
+        norm = make_norm(cfg).to(dtype)
+    return _form(layer, dtype), _form(norm, dtype)
