@@ -64,9 +64,10 @@ class BudgetForward(InstalledForward):
     around the model sees only the step itself). torch.compile traces the installed
     plan. With plans_from_shapes (a ckpt_attn.Transformer, whose costs the planner
     finds from the shape alone), a shape with no plan yet is planned while Dynamo
-    traces, on a fake input of that shape (see the module docstring); otherwise it
-    raises a RuntimeError asking for one eager forward of that shape first, or for
-    example_inputs of that shape at apply time (plan_for).
+    traces, on a fake input of that shape (see the module docstring; static shapes
+    only: Dynamo refuses a dynamic shape as an argument of that planning call);
+    otherwise it raises a RuntimeError asking for one eager forward of that shape
+    first, or for example_inputs of that shape at apply time (plan_for).
     """
 
     def __init__(self, layers, planner: Planner, budget_bytes: float, storage: str,
@@ -81,10 +82,6 @@ class BudgetForward(InstalledForward):
         if torch.is_grad_enabled():
             key = (tuple(x.shape), x.dtype, x.device)
             if torch.compiler.is_compiling() and self.plans_from_shapes:
-                if not all(type(size) is int for size in key[0]):
-                    raise RuntimeError(f"policy 'budget' plans for static shapes, and "
-                                       f"torch.compile traces the input's shape {key[0]} "
-                                       f"as dynamic; compile with dynamic=False")
                 _install_while_tracing(self, *key)
             elif key != self.installed:
                 self._install(key, x, args, kwargs)
