@@ -575,6 +575,25 @@ def test_example_inputs_that_never_reach_the_first_layer():
                             example_inputs=(torch.zeros(1, 4),))
 
 
+def test_example_inputs_need_a_positional_layer_input():
+    class ByKeyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(input=x)
+            return x
+
+    model = ByKeyword()
+    with pytest.raises(ValueError, match="example_inputs: ByKeyword called its first layer "
+                                         "with keyword arguments only"):
+        apply_checkpointing(model, "budget", budget_bytes=2**30,
+                            example_inputs=(torch.zeros(1, 4),))
+    assert not model.layers[0]._forward_pre_hooks  # the hook that stops the model is gone
+
+
 def test_model_without_layers():
     with pytest.raises(ValueError, match="no.*layers|neither"):
         apply_checkpointing(nn.Linear(4, 4), "full")

@@ -163,6 +163,25 @@ def test_budget_transformer_compiles_on_its_first_call():
     assert counters["stats"]["unique_graphs"] == 0
 
 
+def test_budget_transformer_plans_each_new_shape_while_tracing():
+    """With static shapes, each new shape's first compiled call plans that shape (the
+    plan eager mode makes for it) and gives eager's loss and gradients."""
+    compiled_model = apply_checkpointing(wider_model(), "budget", budget_bytes=7e5)
+    eager_model = apply_checkpointing(wider_model(), "budget", budget_bytes=7e5)
+    torch._dynamo.reset()
+    compiled = torch.compile(compiled_model, backend="eager", fullgraph=True, dynamic=False)
+    for seq in (32, 48):
+        torch.manual_seed(seq)
+        x = torch.randn(2, seq, 64, requires_grad=True)
+        got, eager = step(compiled, x), step(eager_model, x)
+        torch.testing.assert_close(got[0], eager[0], atol=1e-6, rtol=1e-5)
+        for got_grad, want_grad in zip(got[1], eager[1], strict=True):
+            torch.testing.assert_close(got_grad, want_grad, atol=1e-6, rtol=1e-5)
+    plans = compiled_model.layers[0].forward.plans
+    assert plans == eager_model.layers[0].forward.plans and len(plans) == 2
+    assert len({tuple(plan) for plan in plans.values()}) == 2  # each shape its own plan
+
+
 class Stack(nn.Module):
     """Layers in a `layers` ModuleList and a final linear: not a ckpt_attn.Transformer,
     so its budget plan is measured, in eager mode."""

@@ -42,9 +42,10 @@ def apply_checkpointing(model: nn.Module, policy: str = "none", *, storage: str 
             ("budget") plans with ckpt_attn.memory for each input shape: on its first
             forward, or here for the shape of example_inputs. For a
             ckpt_attn.Transformer the plan follows from the shape (closed-form costs),
-            so torch.compile (fullgraph=True) plans a new shape while it traces; other
-            models are measured, in eager mode, so under torch.compile a shape with no
-            plan (from an eager forward or example_inputs) raises a RuntimeError. For
+            so torch.compile (fullgraph=True, static shapes) plans a new shape while it
+            traces; other models are measured, in eager mode, so under torch.compile a
+            shape with no plan (from an eager forward or example_inputs) raises a
+            RuntimeError. For
             a ckpt_attn.Transformer the final norm counts in budget_bytes; for other
             models, what runs outside the layers does not. Policies that
             group layers (Policy.groups) need the model to call its layers as a plain
@@ -104,6 +105,10 @@ def _first_layer_call(model: nn.Module, first: nn.Module, example_inputs: tuple)
     arguments = []
 
     def reached(module, args, kwargs):
+        if not args:
+            raise ValueError(f"example_inputs: {type(unwrap(model)).__name__} called its "
+                             f"first layer with keyword arguments only; the budget policy "
+                             f"plans for the layer's first positional argument")
         arguments.append((args[0], args[1:], kwargs))
         raise _Reached
 

@@ -384,7 +384,7 @@ def transformer_config(layers, x: torch.Tensor, args: tuple, kwargs: dict,
     cfg = getattr(layers[0], "cfg", None) if len(layers) else None
     if not isinstance(cfg, TransformerConfig) or args or set(kwargs) - {"attn_mask"} \
             or x.dim() != 3 or x.shape[1] > cfg.max_seq_len or x.shape[2] != cfg.hidden_size \
-            or x.dtype not in FLOAT_DTYPES or torch.is_autocast_enabled(x.device.type):
+            or x.dtype not in FLOAT_DTYPES or _autocast(x.device.type):
         return None
     layer_form, norm_form = _built_form(tuple(dataclasses.astuple(cfg)), x.dtype)
     if tail is None or _form(tail, x.dtype) != norm_form:
@@ -396,6 +396,12 @@ def transformer_config(layers, x: torch.Tensor, args: tuple, kwargs: dict,
         if cfg.dropout > 0 and not all(module.training for module in layer.modules()):
             return None
     return cfg
+
+
+def _autocast(device_type: str) -> bool:
+    """Whether autocast is on for the device type (never on one it does not serve: meta)."""
+    return torch.amp.is_autocast_available(device_type) and \
+        torch.is_autocast_enabled(device_type)
 
 
 def _form(module: torch.nn.Module, dtype: torch.dtype):
