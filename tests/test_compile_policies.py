@@ -182,6 +182,21 @@ def test_budget_transformer_plans_each_new_shape_while_tracing():
     assert len({tuple(plan) for plan in plans.values()}) == 2  # each shape its own plan
 
 
+def test_budget_transformer_outside_the_closed_form_asks_for_a_plan():
+    """Eval mode with dropout: the closed form does not cover it, and measuring cannot
+    be traced, so the first compiled call asks for an eager forward or example_inputs."""
+    torch.manual_seed(0)
+    cfg = ckpt_attn.TransformerConfig(num_layers=2, hidden_size=64, num_heads=4,
+                                      num_kv_heads=2, ffn_hidden_size=128, dropout=0.1,
+                                      backend="torch")
+    model = apply_checkpointing(ckpt_attn.Transformer(cfg).eval(), "budget",
+                                budget_bytes=2**30)
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match="closed-form costs do not cover"):
+        torch.compile(model, backend="eager", fullgraph=True)(
+            torch.randn(2, 32, 64, requires_grad=True))
+
+
 class Stack(nn.Module):
     """Layers in a `layers` ModuleList and a final linear: not a ckpt_attn.Transformer,
     so its budget plan is measured, in eager mode."""

@@ -28,11 +28,13 @@ from torch.utils._python_dispatch import _disable_current_modes
 from .apply import InstalledForward, install
 
 Planner = Callable[..., object]
-"""planner(layers, x, args, kwargs, *, budget_bytes, tail) -> a plan whose `segments` (a
-list of Segments covering the layers) have the least recompute among the plans whose
-predicted peak fits budget_bytes, for layers called on an input like x (the other
-arguments, args and kwargs, passed to every layer) followed by the module tail (or
-None); ValueError if none fits."""
+"""planner(layers, x, args, kwargs, *, budget_bytes, tail[, from_shape]) -> a plan
+whose `segments` (a list of Segments covering the layers) have the least recompute among
+the plans whose predicted peak fits budget_bytes, for layers called on an input like x
+(the other arguments, args and kwargs, passed to every layer) followed by the module
+tail (or None); ValueError if none fits. from_shape=True: x is a fake tensor and args,
+kwargs are left out (planning while Dynamo traces), so the planner costs the layers from
+x's shape, dtype and device alone, or raises a RuntimeError if it cannot."""
 
 _planner: Planner | None = None
 
@@ -106,12 +108,14 @@ class BudgetForward(InstalledForward):
                                f"example_inputs=")
         self._plan_and_install(key, x, args, kwargs)
 
-    def _plan_and_install(self, key, x, args, kwargs) -> None:
+    def _plan_and_install(self, key, x, args, kwargs, from_shape: bool = False) -> None:
         if key not in self.plans:
+            # from_shape given only when true: a planner for eager planning need not take it
+            shape_only = {"from_shape": True} if from_shape else {}
             with _disable_current_modes():
                 self.plans[key] = self.planner(self.layers, x, args, kwargs,
                                                budget_bytes=self.budget_bytes,
-                                               tail=self.tail).segments
+                                               tail=self.tail, **shape_only).segments
         first = self.layers[0]
         install(self.layers, self.plans[key], self.storage)
         self.head = first.__dict__.get("forward")
@@ -130,5 +134,5 @@ def _install_while_tracing(budget: BudgetForward, shape: tuple, dtype: torch.dty
     if key != budget.installed:
         with FakeTensorMode():
             x = torch.empty(shape, dtype=dtype, device=device)
-        budget._plan_and_install(key, x, (), {})
+        budget._plan_and_install(key, x, (), {}, from_shape=True)
     return True

@@ -352,7 +352,8 @@ def plan(cfg: TransformerConfig, *, batch: int, seq: int, budget_bytes: float,
 
 
 def plan_chain(layers, x: torch.Tensor, args: tuple = (), kwargs: dict | None = None, *,
-               budget_bytes: float, tail: torch.nn.Module | None = None) -> Plan:
+               budget_bytes: float, tail: torch.nn.Module | None = None,
+               from_shape: bool = False) -> Plan:
     """The plan with least recompute FLOPs whose predicted peak fits budget_bytes for a
     model's chain of layers, called on an input like x (args and kwargs passed to every
     layer) and followed by tail (a final norm, say) if given. The "budget" policy plans
@@ -361,12 +362,24 @@ def plan_chain(layers, x: torch.Tensor, args: tuple = (), kwargs: dict | None = 
     The layers and final norm of a ckpt_attn.Transformer (transformer_config) are costed
     by the closed-form model plan() uses, from x's shape and dtype alone (so x may be a
     fake tensor); other layers are measured on shape-only copies (layer_costs,
-    tail_cost). Both give the same costs for a Transformer."""
+    tail_cost). Both give the same costs for a Transformer. from_shape=True (the budget
+    policy planning while Dynamo traces) takes the closed form only: a RuntimeError if
+    it does not apply."""
     kwargs = kwargs or {}
     cfg = transformer_config(layers, x, args, kwargs, tail)
     if cfg is not None:
         costs, base, base_transient = _chain(cfg, x.shape[0], x.shape[1], x.dtype)
         return plan_layers(costs, budget_bytes, base, base_transient)
+    if from_shape:
+        raise RuntimeError(f"policy 'budget' has no plan for an input of shape "
+                           f"{tuple(x.shape)}, {x.dtype} on {x.device}, and the closed-form "
+                           f"costs do not cover these layers as they are (see "
+                           f"ckpt_attn.memory.estimation.transformer_config: autocast, eval "
+                           f"mode with dropout, replaced or sharded modules), so they would "
+                           f"be measured, which cannot be traced; run the model once in "
+                           f"eager mode, with grad enabled, on that shape before "
+                           f"torch.compile traces it, or pass inputs of that shape to "
+                           f"apply_checkpointing as example_inputs=")
     costs = layer_costs(layers, x, *args, **kwargs)
     base, base_transient = tail_cost(tail, x) if tail is not None else (0, 0)
     return plan_layers(costs, budget_bytes, base, base_transient)
