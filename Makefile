@@ -58,7 +58,8 @@ package-check: install
 	ls results; test -s results/cpu_results.md && test -s results/policies.md
 	sdist=$$(realpath $(DIST_DIR)/ckpt_attn-*.tar.gz); dir=$$(mktemp -d); \
 	trap 'rm -rf "$$dir"' EXIT; tar xzf "$$sdist" -C "$$dir"; \
-	$(MAKE) -C "$$dir"/ckpt_attn-* test PYTEST_ARGS="--collect-only -q" | tail -1
+	$(MAKE) --no-print-directory -C "$$dir"/ckpt_attn-* test PYTEST_ARGS="--collect-only" \
+		| grep -E "tests? collected"
 
 # The property tests of tests/test_fuzz.py with FUZZ_EXAMPLES problems each (make test
 # draws a few dozen): per backend, that many problems against the float64 reference.
