@@ -42,11 +42,13 @@ def apply_checkpointing(model: nn.Module, policy: str = "none", *, storage: str 
             ("budget") plans with ckpt_attn.memory for each input shape: on its first
             forward, or here for the shape of example_inputs. For a
             ckpt_attn.Transformer the plan follows from the shape (closed-form costs),
-            so torch.compile (fullgraph=True, static shapes) plans a new shape while it
-            traces; other models are measured, in eager mode, so under torch.compile a
-            shape with no plan (from an eager forward or example_inputs) raises a
-            RuntimeError. For
-            a ckpt_attn.Transformer the final norm counts in budget_bytes; for other
+            so torch.compile (fullgraph=True; static shapes, dynamic=False for several)
+            plans a new shape while it traces (a RuntimeError where the closed form does
+            not cover the layers as they are: autocast, eval mode with dropout, replaced
+            or sharded modules); other models are measured, in eager mode, so under
+            torch.compile a shape with no plan (from an eager forward or example_inputs)
+            raises a RuntimeError. For a ckpt_attn.Transformer the final norm counts in
+            budget_bytes; for other
             models, what runs outside the layers does not. Policies that
             group layers (Policy.groups) need the model to call its layers as a plain
             chain: any other use of an inner layer's output raises a RuntimeError
