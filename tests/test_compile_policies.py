@@ -54,6 +54,27 @@ def step(model, x):
     return loss.detach(), [p.grad.clone() for p in model.parameters()] + [x.grad.clone()]
 
 
+def compiled_step(model, x, backend: str = "inductor"):
+    """model compiled with fullgraph=True from a fresh Dynamo state, and its step(),
+    asserting it traced one graph with no breaks: (compiled model, step result)."""
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    # one compile process: a pool of compile workers costs more than it saves here
+    with torch._inductor.config.patch(compile_threads=1):
+        got = step(compiled, x)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    return compiled, got
+
+
+def assert_same_step(got, want, msg=None):
+    """Loss and every gradient of two step() results agree (atol 1e-6, rtol 1e-5)."""
+    torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=1e-5, msg=msg)
+    for got_grad, want_grad in zip(got[1], want[1], strict=True):
+        torch.testing.assert_close(got_grad, want_grad, atol=1e-6, rtol=1e-5, msg=msg)
+
+
 def options_of(policy: str, options: dict, x: torch.Tensor) -> dict:
     """The policy's options; for "budget", half way between the peaks of "full" and
     "none", so the plan mixes modes."""
@@ -105,9 +126,7 @@ def test_every_policy_compiles_with_inductor_in_one_graph_equal_to_eager():
     assert counters["stats"]["unique_graphs"] == 1
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     for name, got, want in zip(IDS, compiled, eager, strict=True):
-        torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=1e-5, msg=name)
-        for got_grad, want_grad in zip(got[1], want[1], strict=True):
-            torch.testing.assert_close(got_grad, want_grad, atol=1e-6, rtol=1e-5, msg=name)
+        assert_same_step(got, want, msg=name)
 
 
 def budget_of(model: nn.Module, x: torch.Tensor) -> float:
@@ -139,17 +158,9 @@ def test_budget_transformer_compiles_on_its_first_call():
     budget = budget_of(wider_model(), x)
     compiled_model = apply_checkpointing(wider_model(), "budget", budget_bytes=budget)
     eager_model = apply_checkpointing(wider_model(), "budget", budget_bytes=budget)
-    torch._dynamo.reset()
-    counters.clear()
-    compiled = torch.compile(compiled_model, backend="inductor", fullgraph=True)
-    with torch._inductor.config.patch(compile_threads=1):
-        got = step(compiled, x)
-    assert counters["stats"]["unique_graphs"] == 1
-    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    compiled, got = compiled_step(compiled_model, x)
     eager = step(eager_model, x)
-    torch.testing.assert_close(got[0], eager[0], atol=1e-6, rtol=1e-5)
-    for got_grad, want_grad in zip(got[1], eager[1], strict=True):
-        torch.testing.assert_close(got_grad, want_grad, atol=1e-6, rtol=1e-5)
+    assert_same_step(got, eager)
     plans = [m.layers[0].forward.plans for m in (compiled_model, eager_model)]
     assert plans[0] == plans[1] and len(plans[0]) == 1
     modes = {segment.mode for segment in next(iter(plans[0].values()))}
@@ -173,10 +184,7 @@ def test_budget_transformer_plans_each_new_shape_while_tracing():
     for seq in (32, 48):
         torch.manual_seed(seq)
         x = torch.randn(2, seq, 64, requires_grad=True)
-        got, eager = step(compiled, x), step(eager_model, x)
-        torch.testing.assert_close(got[0], eager[0], atol=1e-6, rtol=1e-5)
-        for got_grad, want_grad in zip(got[1], eager[1], strict=True):
-            torch.testing.assert_close(got_grad, want_grad, atol=1e-6, rtol=1e-5)
+        assert_same_step(step(compiled, x), step(eager_model, x), msg=f"seq {seq}")
     plans = compiled_model.layers[0].forward.plans
     assert plans == eager_model.layers[0].forward.plans and len(plans) == 2
     assert len({tuple(plan) for plan in plans.values()}) == 2  # each shape its own plan
@@ -220,16 +228,10 @@ def test_budget_of_other_models_plans_on_example_inputs_for_compile():
                                 example_inputs=(x.detach(),))
     eager_model = apply_checkpointing(Stack(), "budget", budget_bytes=budget)
     assert len(model.layers[0].forward.plans) == 1  # planned at apply time
-    torch._dynamo.reset()
-    counters.clear()
-    got = step(torch.compile(model, backend="aot_eager", fullgraph=True), x)
-    assert counters["stats"]["unique_graphs"] == 1
-    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    _, got = compiled_step(model, x, backend="aot_eager")
     eager = step(eager_model, x)
     assert model.layers[0].forward.plans == eager_model.layers[0].forward.plans
-    torch.testing.assert_close(got[0], eager[0], atol=1e-6, rtol=1e-5)
-    for got_grad, want_grad in zip(got[1], eager[1], strict=True):
-        torch.testing.assert_close(got_grad, want_grad, atol=1e-6, rtol=1e-5)
+    assert_same_step(got, eager)
     # a shape it has no plan for: the clear error, not a wrong plan
     with pytest.raises(RuntimeError, match="example_inputs="):
         torch.compile(model, backend="eager", fullgraph=True, dynamic=False)(
@@ -256,16 +258,8 @@ def test_quantized_storage_compiles_in_one_graph_and_keeps_codes(policy, options
     x = inputs()
     model = apply_checkpointing(make_model(), policy, storage=storage, **options)
     eager = step(model, x)
-    torch._dynamo.reset()
-    counters.clear()
-    compiled = torch.compile(model, backend="inductor", fullgraph=True)
-    with torch._inductor.config.patch(compile_threads=1):
-        got = step(compiled, x)
-    assert counters["stats"]["unique_graphs"] == 1
-    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
-    torch.testing.assert_close(got[0], eager[0], atol=1e-6, rtol=1e-5)
-    for got_grad, want_grad in zip(got[1], eager[1], strict=True):
-        torch.testing.assert_close(got_grad, want_grad, atol=1e-6, rtol=1e-5)
+    compiled, got = compiled_step(model, x)
+    assert_same_step(got, eager)
 
     kept = list(saved_tensors(compiled, x).values())
     hidden, rows = tuple(x.shape), x.shape[0] * x.shape[1]
